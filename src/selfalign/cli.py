@@ -1,0 +1,48 @@
+"""The ``selfalign`` command line: a thin dispatcher over :mod:`selfalign.commands`.
+
+Each command module exposes ``add_parser(subparsers)`` (which sets ``func``) and is imported only
+when listed here, so ``selfalign models`` does not pay for importing the trainer. Bad input ends
+with one line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# One line per command module; each registers one or more subcommands.
+COMMAND_MODULES = [
+    "selfalign.commands.models",
+]
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfalign", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (UsageError, ValueError, FileNotFoundError) as err:
+        # Configuration, data and checkpoint problems raise these with a message that already
+        # says what is wrong and how to fix it.
+        print(f"selfalign {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"selfalign {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``selfalign`` CLI, one module each (see :mod:`selfalign.cli`)."""

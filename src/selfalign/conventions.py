@@ -1,0 +1,34 @@
+"""The conventions of selfalign, stated once.
+
+Every module that needs one of these imports it from here instead of restating it.
+
+Time direction
+    ``x_t = alpha_t * x0 + sigma_t * eps`` with ``t`` in ``[0, 1]``: **t = 0 is data, t = 1 is
+    noise** (the SiT/REPA/SRA convention). The original SiT code uses the opposite direction
+    (t = 1 is data); :mod:`selfalign.pipeline.convert` converts its checkpoints. DDPM (DiT) uses
+    integer steps ``0 .. T-1`` where larger means noisier, the same direction.
+
+Batch size
+    Every ``batch_size`` in a selfalign config is the **global** batch: the number of images
+    that contribute to one optimizer step, summed over all processes and accumulation steps.
+    ``per_process = global / world_size``; accumulation is derived from a ``micro_batch`` cap.
+
+Latent scaling
+    SD-VAE latents are multiplied by :data:`SD_VAE_SCALE` (0.18215) before they reach the
+    model, and divided by it before decoding. Latent datasets store the encoder's unscaled
+    mean and std; the scale is applied once, at sampling time of the latent.
+
+Layer indices
+    Transformer blocks are numbered from 1, as in the SRA paper: "block 8" is the output of the
+    eighth block (``blocks[7]``).
+
+Class labels
+    ``num_classes`` real classes ``0 .. num_classes-1``; the null (unconditional) class used for
+    classifier-free guidance is ``num_classes``. Label dropout happens once per example, in the
+    trainer, before any forward pass, so the student and the SRA teacher see the same labels.
+"""
+
+SD_VAE_SCALE = 0.18215
+DATA_TIME = 0.0
+NOISE_TIME = 1.0
+CFG_LABEL_DROPOUT = 0.1
