@@ -58,6 +58,9 @@ class BackboneConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
                              f"model.num_heads={self.num_heads}")
+        if self.hidden_size % 4:   # the 2-D sin-cos embedding gives each axis dim/2 (sin, cos)
+            raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by 4 "
+                             "(2-D sin-cos position embedding)")
         for key in ("input_size", "in_channels", "patch_size", "hidden_size", "depth",
                     "num_heads", "num_classes"):
             if getattr(self, key) < 1:
