@@ -1,0 +1,31 @@
+"""Samplers for DDPM objectives: ancestral (learned variance) and DDIM, on a respaced chain."""
+from __future__ import annotations
+
+import torch
+
+from ..objectives.ddpm import DDPMObjective
+from .config import SamplerConfig
+from .guidance import GuidedModel
+
+
+def ddpm(guided: GuidedModel, objective: DDPMObjective, noise: torch.Tensor, config: SamplerConfig,
+         generator: torch.Generator | None) -> torch.Tensor:
+    """ADM's ``p_sample_loop`` / ``ddim_sample_loop`` over ``respacing`` (default ``str(steps)``).
+
+    The model sees the original step index of each respaced step; the guidance interval is
+    tested on ``original_step / T``.
+    """
+    chain = objective.respaced(config.respacing or str(config.steps))
+    x = noise.to(torch.float32)
+    draws_noise = config.name == "ddpm" or config.eta > 0
+    for i in reversed(range(chain.num_timesteps)):
+        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+        original = chain.model_steps(t)
+        out = guided(x, original, int(original[0]) / objective.num_timesteps)
+        z = (torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+             if draws_noise else torch.zeros_like(x))
+        if config.name == "ddpm":
+            x = chain.p_sample(out, x, t, z, config.clip_denoised)
+        else:
+            x = chain.ddim_sample(out, x, t, z, config.eta, config.clip_denoised)
+    return x
