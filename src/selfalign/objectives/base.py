@@ -6,16 +6,35 @@ backbone's timestep embedder receives.
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
 
 
 def expand_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Broadcast a time of shape (B,) -- or one already shaped like ``x`` -- against ``x``."""
+    """Broadcast a time against ``x``: (B,) per example, (B, N) per token, or already shaped like ``x``.
+
+    A per-token time of an image ``x`` (B, C, H, W) becomes a per-pixel map (B, 1, H, W): token
+    ``n`` covers the patch at row ``n // w``, column ``n % w`` of the (h, w) token grid, the
+    backbone's patch order.
+    """
     if t.dim() == x.dim():
         return t
+    if t.dim() == 2 and x.dim() == 4:
+        return token_time_to_pixels(t, x.shape[-2:])
     return t.reshape(t.shape[0], *([1] * (x.dim() - 1)))
+
+
+def token_time_to_pixels(t: torch.Tensor, size) -> torch.Tensor:
+    """Per-token time (B, N) -> per-pixel time (B, 1, H, W) for a square-patch token grid."""
+    (b, n), (h, w) = t.shape, size
+    grid_h = round(math.sqrt(n * h / w))
+    grid_w = n // grid_h if grid_h else 0
+    if grid_h * grid_w != n or h % grid_h or w % grid_w or h // grid_h != w // grid_w:
+        raise ValueError(f"per-token time with {n} tokens does not tile a {h}x{w} input")
+    p = h // grid_h
+    return t.reshape(b, 1, grid_h, grid_w).repeat_interleave(p, 2).repeat_interleave(p, 3)
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,17 @@ from __future__ import annotations
 from .base import Progress, Regularizer, StepContext
 from .distances import DISTANCES, get_distance
 from .sra import LAYER_PRESETS, SRA, SRAConfig
+from .dispersive import Dispersive, DispersiveConfig
+from .dts import DTS, DTSConfig
+from .repa import REPA, REPAConfig
+from .sra2 import SRA2, SRA2Config
 
 REGISTRY = {
     "sra": (SRAConfig, lambda cfg, model: SRA(cfg, model.config.hidden_size, model.config.depth)),
+    "repa": (REPAConfig, lambda cfg, model: REPA(cfg, model)),
+    "dispersive": (DispersiveConfig, lambda cfg, model: Dispersive(cfg, model.config.depth)),
+    "sra2": (SRA2Config, lambda cfg, model: SRA2(cfg, model)),
+    "dts": (DTSConfig, lambda cfg, model: DTS(cfg, model)),
 }
 
 
@@ -21,4 +29,5 @@ def build_regularizer(name: str, config, model):
 
 
 __all__ = ["Progress", "Regularizer", "StepContext", "DISTANCES", "get_distance", "LAYER_PRESETS",
-           "SRA", "SRAConfig", "REGISTRY", "build_regularizer"]
+           "SRA", "SRAConfig", "REPA", "REPAConfig", "Dispersive", "DispersiveConfig", "SRA2",
+           "SRA2Config", "DTS", "DTSConfig", "REGISTRY", "build_regularizer"]
