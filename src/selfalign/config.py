@@ -1,0 +1,323 @@
+"""``ExperimentConfig``: the typed tree a training run is built from.
+
+Loaded strictly (unknown keys and wrong types are one-line errors naming the dotted key) from a
+YAML file or a preset name in ``selfalign/configs/``, with ``--set key=value`` overrides applied
+before typing. Regularizers are a mapping ``name -> that regularizer's config`` looked up in
+``regularizers.REGISTRY``; SRA's layers default to the paper's for the model preset.
+Values left ``null`` that follow from others (model input size and channels from the data) are
+filled in by :func:`load_config`, so a saved ``config.yaml`` is complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .configuration import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from .objectives import ObjectiveConfig
+
+PRESET_DIR = Path(__file__).parent / "configs"
+DATA_KINDS = ("fashion_mnist", "imagefolder", "latents")
+PRECISIONS = ("fp32", "bf16", "fp16")
+NONFINITE_POLICIES = ("skip", "stop")
+VAE_DOWNSAMPLE = 8          # SD-VAE: 256 px -> 32x32 latents
+LATENT_CHANNELS = 4
+DATA_DEFAULTS = {           # kind: (in_channels, num_classes) unless the config says otherwise
+    "fashion_mnist": (1, 10), "imagefolder": (3, 1000), "latents": (LATENT_CHANNELS, 1000),
+}
+# Keys a resumed run may change without becoming a different run.
+RESUMABLE_CHANGES = (
+    "name", "logging.", "data.path", "data.num_workers", "train.total_kimg", "train.log_every_kimg",
+    "train.ckpt_every_kimg", "train.keep_last", "train.sample_every_kimg", "train.sample_count",
+    "train.eval_every_kimg", "train.eval_samples", "train.nonfinite", "train.max_consecutive_bad",
+    "train.device", "train.compile", "sampling.",
+)
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "SiT-XL/2"
+    input_size: int | None = None       # default: data resolution (/ 8 for latents)
+    in_channels: int | None = None      # default: 1 Fashion-MNIST, 3 images, 4 latents
+    num_classes: int | None = None      # default: 10 Fashion-MNIST, else 1000 (ImageNet)
+    learn_sigma: bool | None = None     # default: objective.learn_sigma for ddpm, else False
+    qk_norm: bool = False
+    grad_checkpointing: bool = False
+
+    def validate(self) -> None:
+        from .models import parse_preset
+        try:
+            parse_preset(self.preset)
+        except ValueError as err:
+            raise ConfigError(f"model.preset: {err}") from None
+        for key in ("input_size", "in_channels", "num_classes"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"model.{key} must be >= 1, got {value}")
+
+
+@dataclass
+class DataConfig:
+    kind: str = "fashion_mnist"         # fashion_mnist | imagefolder | latents
+    path: str = ""                      # "" = the default location (Fashion-MNIST only)
+    resolution: int = 32                # image size in pixels (latents: of the encoded images)
+    hflip: bool = False                 # random horizontal flips, drawn from the step generator
+    num_workers: int = 0                # DataLoader workers (0: load in the training process)
+
+    def validate(self) -> None:
+        if self.kind not in DATA_KINDS:
+            raise ConfigError(f"data.kind={self.kind!r} is not one of {DATA_KINDS}")
+        if self.resolution < 1:
+            raise ConfigError(f"data.resolution must be >= 1, got {self.resolution}")
+        if self.kind == "fashion_mnist" and (self.resolution < 28 or self.resolution % 2):
+            raise ConfigError(f"data.resolution={self.resolution}: Fashion-MNIST (28x28) is padded, "
+                              f"use an even size >= 28 (default 32)")
+        if self.kind != "fashion_mnist" and not self.path:
+            raise ConfigError(f"data.path is required for data.kind={self.kind!r}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 256               # GLOBAL batch (all processes, all accumulation steps)
+    micro_batch: int = 0                # per-process forward size cap; 0 = no accumulation
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0              # max global grad norm; 0 = no clipping
+    ema_decay: float = 0.9999
+    label_dropout: float = 0.1          # classifier-free guidance label dropout
+    precision: str = "fp32"             # fp32 | bf16 | fp16 (with loss scaling)
+    tf32: bool = True
+    compile: bool = False
+    total_kimg: float = 100_000.0
+    log_every_kimg: float = 10.0
+    ckpt_every_kimg: float = 1_000.0
+    keep_last: int = 3
+    sample_every_kimg: float = 0.0      # fixed-noise EMA sample grid; 0 = never
+    sample_count: int = 64
+    eval_every_kimg: float = 0.0        # evaluation.training_eval; 0 = never
+    eval_samples: int = 1000
+    seed: int = 0
+    nonfinite: str = "skip"             # skip | stop
+    max_consecutive_bad: int = 10       # skip policy: stop after this many bad steps in a row
+    device: str = "auto"                # auto | cpu | cuda
+
+    def validate(self) -> None:
+        positive = {"batch_size": self.batch_size, "lr": self.lr, "eps": self.eps,
+                    "total_kimg": self.total_kimg, "ckpt_every_kimg": self.ckpt_every_kimg,
+                    "log_every_kimg": self.log_every_kimg, "keep_last": self.keep_last,
+                    "max_consecutive_bad": self.max_consecutive_bad,
+                    "sample_count": self.sample_count, "eval_samples": self.eval_samples}
+        for key, value in positive.items():
+            if not value > 0:
+                raise ConfigError(f"train.{key} must be > 0, got {value}")
+        for key in ("micro_batch", "weight_decay", "grad_clip", "sample_every_kimg", "eval_every_kimg"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        for key in ("ema_decay", "label_dropout"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"train.{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision={self.precision!r} is not one of {PRECISIONS}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"train.nonfinite={self.nonfinite!r} is not one of {NONFINITE_POLICIES}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"train.device={self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.seed < 0:
+            raise ConfigError(f"train.seed must be >= 0, got {self.seed}")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "selfalign"
+    wandb_entity: str = ""
+    progress_bar: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    regularizers: dict[str, Any] = field(default_factory=dict)   # name -> its config dataclass
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # -- derived ---------------------------------------------------------------------------
+    def backbone_config(self):
+        """The model's :class:`~selfalign.models.BackboneConfig` (call after :func:`load_config`)."""
+        from .models import backbone_config
+        m = self.model
+        extra = {} if m.learn_sigma is None else {"learn_sigma": m.learn_sigma}
+        return backbone_config(m.preset, input_size=m.input_size, in_channels=m.in_channels,
+                               num_classes=m.num_classes, qk_norm=m.qk_norm,
+                               grad_checkpointing=m.grad_checkpointing, **extra)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def hash(self) -> str:
+        """A short digest of the whole config; ranks compare it at start."""
+        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def check(self, world_size: int = 1) -> None:
+        """Checks across sections (after the derived values are filled); one line naming the key."""
+        m, d, t = self.model, self.data, self.train
+        patch = self.backbone_config().patch_size
+        factor = VAE_DOWNSAMPLE if d.kind == "latents" else 1
+        if d.resolution % (factor * patch):
+            what = (f"VAE factor {factor} x patch {patch} = {factor * patch}" if factor > 1
+                    else f"the patch size {patch}")
+            raise ConfigError(f"data.resolution={d.resolution} is not divisible by {what} ({m.preset})")
+        expected = d.resolution // factor
+        if m.input_size != expected:
+            raise ConfigError(f"model.input_size={m.input_size} does not match data.resolution="
+                              f"{d.resolution} (expected {expected}; leave it unset)")
+        o = self.objective
+        wanted_sigma = o.kind == "ddpm" and o.learn_sigma
+        if m.learn_sigma != wanted_sigma:
+            raise ConfigError(f"model.learn_sigma={m.learn_sigma} does not fit objective.kind={o.kind!r}"
+                              f" (learn_sigma={o.learn_sigma}); leave model.learn_sigma unset")
+        depth = self.backbone_config().depth
+        for name, reg in self.regularizers.items():
+            validate_fn = getattr(reg, "validate", None)
+            if validate_fn is None:
+                continue
+            try:
+                if "depth" in inspect.signature(validate_fn).parameters:
+                    validate_fn(depth=depth)
+                else:
+                    validate_fn()
+            except ValueError as err:
+                raise ConfigError(_regularizer_key(name, str(err))) from None
+        if t.batch_size % world_size:
+            raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the number of "
+                              f"processes ({world_size})")
+
+
+def _regularizer_key(name: str, message: str) -> str:
+    """"sra.k_max must be ..." -> "regularizers.sra.k_max must be ..."."""
+    return f"regularizers.{message}" if message.startswith(f"{name}.") else f"regularizers.{name}: {message}"
+
+
+def _load_regularizers(raw: Any, preset: str) -> dict[str, Any]:
+    from .regularizers import REGISTRY
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"regularizers: expected a mapping name -> settings, got {raw!r}")
+    configs = {}
+    for name, settings in raw.items():
+        if name not in REGISTRY:
+            raise ConfigError(f"regularizers.{name}: unknown regularizer; choose from {sorted(REGISTRY)}")
+        if settings is None:
+            settings = {}
+        if not isinstance(settings, dict):
+            raise ConfigError(f"regularizers.{name}: expected a mapping of settings, got {settings!r}")
+        config_class = REGISTRY[name][0]
+        base = {}
+        if hasattr(config_class, "for_model"):   # e.g. SRA's paper layers for this preset
+            try:
+                base = dataclasses.asdict(config_class.for_model(preset))
+            except ValueError:
+                base = {}
+        try:
+            configs[name] = from_dict(config_class, {**base, **settings}, f"regularizers.{name}")
+        except ConfigError as err:
+            message = str(err)
+            raise ConfigError(message if message.startswith("regularizers.")
+                              else _regularizer_key(name, message)) from None
+    return configs
+
+
+def _fill_derived(config: ExperimentConfig) -> None:
+    m, d = config.model, config.data
+    channels, classes = DATA_DEFAULTS[d.kind]
+    if m.in_channels is None:
+        m.in_channels = channels
+    if m.num_classes is None:
+        m.num_classes = classes
+    if m.input_size is None:
+        factor = VAE_DOWNSAMPLE if d.kind == "latents" else 1
+        m.input_size = max(1, d.resolution // factor)
+    if m.learn_sigma is None:   # DiT's learned variance is the DDPM objective's business
+        o = config.objective
+        m.learn_sigma = o.kind == "ddpm" and o.learn_sigma
+
+
+def experiment_from_dict(data: dict, world_size: int = 1) -> ExperimentConfig:
+    """Type, complete and validate a config mapping."""
+    data = dict(data or {})
+    raw_regularizers = data.pop("regularizers", {})
+    config = from_dict(ExperimentConfig, data)
+    config.regularizers = _load_regularizers(raw_regularizers, config.model.preset)
+    _fill_derived(config)
+    config.check(world_size)
+    return config
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(source: str | Path) -> Path:
+    """A YAML path as given, or a preset name (``sit-b2-sra-256``) from ``selfalign/configs``."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{source}.yaml"
+    if "/" not in str(source) and preset.is_file():
+        return preset
+    if str(source).endswith((".yaml", ".yml")) or "/" in str(source):
+        raise ConfigError(f"config file {str(source)!r} not found")
+    raise ConfigError(f"{str(source)!r} is neither a config file nor a preset; presets: "
+                      f"{', '.join(preset_names())}")
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | tuple = (),
+                world_size: int = 1) -> ExperimentConfig:
+    """Load a YAML file, preset name or mapping, apply ``key=value`` overrides, type and validate."""
+    data = dict(source) if isinstance(source, dict) else load_yaml(resolve_config_path(source))
+    data = apply_overrides(json.loads(json.dumps(data, default=list)), list(overrides))
+    return experiment_from_dict(data, world_size)
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(config.to_dict(), default=list)),
+                                         sort_keys=False))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out if tree else {prefix[:-1]: {}}
+    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def resume_mismatch(saved: dict, current: ExperimentConfig) -> str | None:
+    """The first setting that makes ``current`` a different run from the checkpoint's ``saved``."""
+    old = _flatten(json.loads(json.dumps(saved, default=list)))
+    new = _flatten(json.loads(json.dumps(current.to_dict(), default=list)))
+    for key in sorted(set(old) | set(new)):
+        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES):
+            continue
+        if old.get(key, "<unset>") != new.get(key, "<unset>"):
+            return f"{key} is {old.get(key, '<unset>')!r} in the checkpoint but {new.get(key, '<unset>')!r} now"
+    return None
