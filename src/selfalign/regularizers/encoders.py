@@ -124,6 +124,7 @@ class DINOv2Encoder(nn.Module):
         self.layout = layout
         self.input_size = input_size
         self.embed_dim = int(getattr(model, "embed_dim", getattr(model, "num_features", 0)))
+        freeze(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = preprocess(images, self.input_size, IMAGENET_MEAN, IMAGENET_STD, channels=3)
@@ -149,6 +150,7 @@ class FeatureMapEncoder(nn.Module):
         self.channels = channels
         self.mean, self.std = tuple(mean), tuple(std)
         self.features = features
+        freeze(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = preprocess(images, self.input_size, self.mean, self.std, self.channels, mode="bilinear")
@@ -159,6 +161,23 @@ class FeatureMapEncoder(nn.Module):
 
 
 # -- loading -----------------------------------------------------------------------------------
+def fashion_classifier_encoder(weights: str | None = None, *, stage: int = -1,
+                               classifier: nn.Module | None = None) -> FeatureMapEncoder:
+    """The Fashion-MNIST classifier of :mod:`selfalign.evaluation.classifier` as REPA's offline
+    stand-in for DINOv2: stage ``stage``'s feature map as tokens (last stage: 7x7 tokens of 128).
+
+    The classifier prepares its own input from [-1, 1] images (gray, centre 28x28 crop of the
+    padded 32x32 data), so the adapter hands the images over unchanged (mean = std = 0.5 undoes
+    the [0, 1] step). Its tokens cover the central 28 pixels; resampled to the student's grid they
+    are offset by at most the 2-pixel blank padding.
+    """
+    from ..evaluation.classifier import load_classifier
+    model = classifier if classifier is not None else load_classifier(weights)
+    width = model.stages[stage][-1][0].out_channels      # the stage's last conv
+    return FeatureMapEncoder(model, width, channels=1, mean=(0.5,), std=(0.5,),
+                             features=lambda module, x: module.feature_map(x, stage))
+
+
 def _import_timm():
     try:
         import timm  # noqa: F401  (optional extra)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .base import Progress, Regularizer, StepContext
 from .distances import get_distance
-from .encoders import freeze, load_dinov2, match_token_grid, token_grid
+from .encoders import fashion_classifier_encoder, freeze, load_dinov2, match_token_grid, token_grid
 
 # Block d (1-based). SiT-B: 4 and L/XL: 8 are REPA's; the others are selfalign's choices
 # (DiT follows SiT; S follows B, whose depth it shares; T and M near 1/3 of their depth).
@@ -69,8 +69,7 @@ def build_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
 def build_encoder(config: REPAConfig, grid: int) -> nn.Module:
     """The frozen encoder named by the config, for a student token grid of ``grid`` x ``grid``."""
     if config.encoder == STAND_IN_ENCODER:
-        from ..evaluation.classifier import repa_encoder   # trained by selfalign, no download
-        return freeze(repa_encoder(config.encoder_weights or None))
+        return fashion_classifier_encoder(config.encoder_weights or None)   # selfalign's, no download
     if config.encoder.lower().startswith("dinov2"):
         return load_dinov2(config.encoder, layout=config.encoder_layout, weights=config.encoder_weights,
                            grid=grid, hub_repo=config.encoder_hub_repo)
