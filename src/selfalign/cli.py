@@ -13,6 +13,8 @@ import sys
 # One line per command module; each registers one or more subcommands.
 COMMAND_MODULES = [
     "selfalign.commands.models",
+    "selfalign.commands.prepare",
+    "selfalign.commands.train",
 ]
 
 

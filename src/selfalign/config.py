@@ -21,6 +21,7 @@ import yaml
 
 from .configuration import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from .objectives import ObjectiveConfig
+from .sampling.config import SamplerConfig
 
 PRESET_DIR = Path(__file__).parent / "configs"
 DATA_KINDS = ("fashion_mnist", "imagefolder", "latents")
@@ -36,7 +37,7 @@ RESUMABLE_CHANGES = (
     "name", "logging.", "data.path", "data.num_workers", "train.total_kimg", "train.log_every_kimg",
     "train.ckpt_every_kimg", "train.keep_last", "train.sample_every_kimg", "train.sample_count",
     "train.eval_every_kimg", "train.eval_samples", "train.nonfinite", "train.max_consecutive_bad",
-    "train.device", "train.compile", "sampling.",
+    "train.device", "train.compile", "sampler.",
 )
 
 
@@ -156,6 +157,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sampler: SamplerConfig | None = None     # training sample grids; None: a fast default
 
     # -- derived ---------------------------------------------------------------------------
     def backbone_config(self):
@@ -166,6 +168,12 @@ class ExperimentConfig:
         return backbone_config(m.preset, input_size=m.input_size, in_channels=m.in_channels,
                                num_classes=m.num_classes, qk_norm=m.qk_norm,
                                grad_checkpointing=m.grad_checkpointing, **extra)
+
+    def grid_sampler(self) -> SamplerConfig:
+        """The sampler of the training sample grids: ``sampler`` or 50 deterministic steps."""
+        if self.sampler is not None:
+            return self.sampler
+        return SamplerConfig(name="euler" if self.objective.kind == "flow" else "ddim", steps=50)
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -205,6 +213,11 @@ class ExperimentConfig:
                     validate_fn()
             except ValueError as err:
                 raise ConfigError(_regularizer_key(name, str(err))) from None
+        if self.sampler is not None:
+            try:
+                self.sampler.check_objective(o.kind)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         if t.batch_size % world_size:
             raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the number of "
                               f"processes ({world_size})")

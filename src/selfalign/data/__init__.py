@@ -1,0 +1,27 @@
+"""Training data: Fashion-MNIST (built in), ImageFolder (ADM center crop), cached latents.
+
+Every dataset returns whole batches from ``__getitems__(indices) -> (x, y)`` with ``x`` in model
+space; :mod:`.order` decides which indices a rank trains on at each step.
+"""
+from __future__ import annotations
+
+from .fashion_mnist import FashionMNIST
+from .imagefolder import ImageFolder
+from .order import DataOrder, step_batches
+from .transforms import center_crop_arr, model_to_uint8, uint8_to_model
+
+
+def build_dataset(config, split: str = "train"):
+    """The dataset a :class:`~selfalign.config.DataConfig` describes."""
+    if config.kind == "fashion_mnist":
+        return FashionMNIST(split, config.path or None, config.resolution)
+    if config.kind == "imagefolder":
+        return ImageFolder(config.path, config.resolution)
+    if config.kind == "latents":
+        from .latents import build_latent_dataset
+        return build_latent_dataset(config, split)
+    raise ValueError(f"data.kind={config.kind!r} is not supported")
+
+
+__all__ = ["FashionMNIST", "ImageFolder", "DataOrder", "step_batches", "build_dataset",
+           "center_crop_arr", "model_to_uint8", "uint8_to_model"]
