@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = [
     "selfalign.commands.models",
     "selfalign.commands.prepare",
+    "selfalign.commands.convert",
     "selfalign.commands.train",
 ]
 
