@@ -37,3 +37,17 @@ def tiny_model():
         return randomize_zero_init(model, seed=seed) if randomize else model
 
     return make
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test on one intra-op thread, then restore the setting.
+
+    Tiny models gain nothing from a second thread, and on a shared, loaded machine OpenMP's
+    waiting threads make them many times slower. Opt in per module with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

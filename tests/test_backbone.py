@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from selfalign.models import BackboneConfig, DiffusionTransformer, build_model
 from selfalign.models.backbone import DiTBlock, TimestepEmbedder, sincos_pos_embed_2d
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 # -- independent references, written from the DiT paper / its models.py ------------------------
 def dit_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:

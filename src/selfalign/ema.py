@@ -7,6 +7,12 @@ import torch
 from torch import nn
 
 
+def _checked_decay(decay: float) -> float:
+    if not 0.0 <= decay <= 1.0:   # also rejects NaN
+        raise ValueError(f"ema decay must be in [0, 1], got {decay}")
+    return float(decay)
+
+
 class EMA(nn.Module):
     """``ema = decay * ema + (1 - decay) * model`` after every optimizer step.
 
@@ -17,22 +23,24 @@ class EMA(nn.Module):
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, foreach: bool = True):
         super().__init__()
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"ema decay must be in [0, 1], got {decay}")
-        self.decay = decay
+        self.decay = _checked_decay(decay)
         self.foreach = foreach
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._matched: int | None = None   # id of the last model whose parameters matched
 
     def _pairs(self, model: nn.Module):
         ema_params = [p for p in self.model.parameters()]
         params = [p.detach() for p in model.parameters()]
-        if len(ema_params) != len(params):
-            raise ValueError("EMA and model have different parameter lists")
+        if id(model) != self._matched:   # checked once per model, not on every step
+            if len(ema_params) != len(params) or any(
+                    e.shape != p.shape for e, p in zip(ema_params, params)):
+                raise ValueError("EMA and model have different parameter lists")
+            self._matched = id(model)
         return ema_params, params
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float | None = None) -> None:
-        decay = self.decay if decay is None else decay
+        decay = self.decay if decay is None else _checked_decay(decay)
         ema_params, params = self._pairs(model)
         if self.foreach:
             torch._foreach_lerp_(ema_params, params, 1.0 - decay)
