@@ -40,8 +40,9 @@ def draw_x0(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | 
 class LatentDataset(torch.utils.data.Dataset):
     """Prepared latents: ``dataset[i] -> (mean, std, label)`` (``+ image`` with ``with_images``).
 
-    ``__getitems__(indices)`` returns the same as batched tensors; images are float in [-1, 1]
-    ``(B, 3, H, W)`` like :class:`selfalign.data.imagefolder.ImageFolder`.
+    ``__getitems__(indices)`` returns the trainer's batch ``(moments, labels[, images])`` with
+    ``moments = cat([mean, std], dim=1)``; :meth:`to_model` turns it into the model input. Images
+    are float in [-1, 1] ``(B, 3, H, W)`` like :class:`selfalign.data.imagefolder.ImageFolder`.
     """
 
     def __init__(self, root: str | os.PathLike, *, use_flips: bool = False, with_images: bool = False,
@@ -75,6 +76,7 @@ class LatentDataset(torch.utils.data.Dataset):
         self._handles: dict[int, object] = {}
         self._pid = os.getpid()
         self._reader = None
+        self._vae = None
 
     # -- what the dataset is ------------------------------------------------------------------
     @property
@@ -99,9 +101,6 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.count * (2 if self.use_flips else 1)
-
-    def draw_x0(self, mean, std, generator=None) -> torch.Tensor:
-        return draw_x0(mean, std, generator, self.scaling)
 
     # -- reading ------------------------------------------------------------------------------
     def _locate(self, index: int) -> tuple[int, int, bool]:
@@ -163,17 +162,38 @@ class LatentDataset(torch.utils.data.Dataset):
         return out
 
     def __getitem__(self, index: int):
+        """``(mean, std, label)``, plus the image (float in [-1, 1]) with ``with_images``."""
         example = self._example(index)
         if self.with_images:
             example[3] = uint8_to_model(example[3])
         return tuple(example)
 
     def __getitems__(self, indices):
+        """A batch in the trainer's ``(x, y)`` form: ``(moments, labels[, images])``.
+
+        ``moments`` is ``(B, 2C, h, w)``, mean then std along channels (the layout REPA's and
+        SRA's cached latents use); :meth:`to_model` draws the model input from it.
+        """
         examples = [self._example(i) for i in indices]
-        batch = [torch.stack([e[k] for e in examples]) for k in range(len(examples[0]))]
+        moments = torch.cat([torch.stack([e[0] for e in examples]), torch.stack([e[1] for e in examples])], 1)
+        batch = [moments, torch.stack([e[2] for e in examples])]
         if self.with_images:
-            batch[3] = uint8_to_model(batch[3])
+            batch.append(uint8_to_model(torch.stack([e[3] for e in examples])))
         return tuple(batch)
+
+    def to_model(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``x0 = scale * (mean + std * eps)`` from a ``(B, 2C, h, w)`` batch of moments."""
+        mean, std = moments.float().chunk(2, dim=1)
+        return draw_x0(mean, std, generator, self.scaling)
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Model-space latents -> float images in [-1, 1] with the VAE the dataset was made with
+        (loaded on first use, on ``x0``'s device): the trainer's sample grids call this."""
+        from ..pipeline.vae import LatentVAE
+        if self._vae is None or self._vae.device != x0.device:
+            self._vae = LatentVAE.for_dataset(self.index, device=x0.device)
+            self._vae.scaling = self.scaling
+        return self._vae.decode(x0)
 
 
 def build_latent_dataset(config, split: str = "train", with_images: bool = False) -> LatentDataset:
@@ -182,7 +202,8 @@ def build_latent_dataset(config, split: str = "train", with_images: bool = False
     ``data.path`` is the folder ``selfalign prepare`` wrote; ``data.resolution`` must be the image
     size it was prepared at; ``data.hflip`` serves the stored latents of the mirrored images
     (prepared with ``--flip``) as extra examples, so the trainer must not mirror latents itself.
-    A batch is ``(mean, std, labels[, images])``; draw the model input with :meth:`LatentDataset.draw_x0`.
+    A batch is ``(moments, labels[, images])``; draw the model input with :meth:`LatentDataset.to_model`
+    on the training device with the step's generator.
     """
     if split != "train":
         raise ValueError(f"latent datasets have one split (the prepared folder), not {split!r}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,10 @@ def read_shard(path: str | os.PathLike, fmt: str, flipped: bool) -> dict[str, to
         if fmt == "safetensors":
             from safetensors.torch import load_file
             return load_file(str(path))
-        stacked = torch.from_numpy(np.load(path, mmap_mode="r", allow_pickle=False))
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        with warnings.catch_warnings():     # read-only memory map: rows are copied before use
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            stacked = torch.from_numpy(array)
     except Exception as err:
         raise ValueError(f"latent shard {str(path)!r} is unreadable or truncated ({type(err).__name__}: "
                          f"{str(err)[:100]}); run `selfalign prepare` again to rebuild it") from None
