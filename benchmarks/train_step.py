@@ -1,0 +1,394 @@
+"""Training-step benchmark: vanilla, SRA as selfalign runs it, SRA as the released recipe runs it.
+
+Everything is measured in ONE process on one model with interleaved repeats (round r runs every
+variant for a few steps, the next round in reverse order), so machine drift hits all rows alike.
+A step is what the trainer does: forward with the generative loss and every regularizer,
+backward, gradient clipping at 1.0, AdamW, EMA update.
+
+Rows: ``vanilla``; ``sra`` (selfalign: teacher truncated at block n, same autocast as the student,
+foreach EMA, fused AdamW); ``sra_released`` (the released SiT-SRA code's recipe, by flags: the
+teacher's full forward in fp32 outside autocast with TF32 allowed, the per-parameter EMA loop,
+torch's default AdamW); ``teacher_only`` (the EMA teacher's forward through blocks 1..n without
+gradients). The floor of an SRA step is vanilla + teacher_only. Toggles change one thing of a
+base row each (see ``TOGGLES``).
+
+    PYTHONPATH=src python benchmarks/train_step.py --preset cpu-tiny
+    PYTHONPATH=src python benchmarks/train_step.py --preset gpu-xl2 --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, matmul_tflops, pick_device, print_table, summary, timed, write_json  # noqa: E402
+from train_step_report import analyse, table_rows  # noqa: E402
+
+from selfalign.ema import EMA  # noqa: E402
+from selfalign.flops import training_step_flops  # noqa: E402
+from selfalign.models.presets import backbone_config  # noqa: E402
+from selfalign.models.backbone import DiffusionTransformer  # noqa: E402
+from selfalign.objectives import FlowObjective  # noqa: E402
+from selfalign.regularizers.sra import SRA, SRAConfig, projection_head  # noqa: E402
+from selfalign.training.step import TrainingStep  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: str
+    input_size: int
+    in_channels: int
+    num_classes: int
+    batch: int | str            # "auto": the largest candidate that fits (GPU)
+    precision: str              # "fp32" or "bf16" (autocast)
+    device: str
+    warmup: int
+    repeats: int
+    steps: int                  # timed steps per variant per round
+    toggles: str                # "all", "none" or a comma list
+
+
+PRESETS = {
+    # the issue's CPU model: 256 wide, 8 deep, SRA 2 -> 6, batch 64, 256 tokens (~10 M parameters)
+    "cpu-mini": Preset("SiT-M/2", 32, 4, 10, 64, "fp32", "cpu", 1, 3, 1, "none"),
+    # a smaller one that runs the toggles in a few minutes: 128 wide, 6 deep, 2 -> 4, 64 tokens
+    "cpu-tiny": Preset("SiT-T/2", 16, 4, 10, 64, "fp32", "cpu", 2, 5, 2, "all"),
+    "gpu-b2": Preset("SiT-B/2", 32, 4, 1000, "auto", "bf16", "cuda", 3, 4, 3, "all"),
+    "gpu-xl2": Preset("SiT-XL/2", 32, 4, 1000, "auto", "bf16", "cuda", 3, 3, 3, "all"),
+    # the smallest thing that runs every code path, for checking the GPU script on a CPU
+    "dry": Preset("SiT-T/2", 8, 4, 10, 4, "fp32", "cpu", 1, 1, 1, "all"),
+}
+BATCH_CANDIDATES = (256, 192, 128, 96, 64, 48, 32, 16, 8)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str = "sra"                   # "vanilla", "sra" or "teacher_only"
+    truncate: bool = True
+    teacher_precision: str = "autocast"
+    teacher_fraction: float = 1.0
+    ema_foreach: bool = True
+    adam: str = "fused"                 # "fused", "foreach" or "default" (torch's choice)
+    compile: bool = False
+    grad_checkpointing: bool = False
+    sdpa: str | None = None             # None: PyTorch picks the attention kernel
+    base: str | None = None             # the row a toggle is compared with
+
+
+VANILLA = Variant("vanilla", kind="vanilla")
+SRA_SELFALIGN = Variant("sra")
+SRA_RELEASED = Variant("sra_released", truncate=False, teacher_precision="fp32", ema_foreach=False,
+                       adam="default")
+TEACHER_ONLY = Variant("teacher_only", kind="teacher_only")
+BASE_ROWS = (VANILLA, SRA_SELFALIGN, SRA_RELEASED, TEACHER_ONLY)
+
+
+def _toggle(base: Variant, name: str, **change) -> Variant:
+    return dataclasses.replace(base, name=name, base=base.name, **change)
+
+
+TOGGLES = {v.name: v for v in (
+    _toggle(SRA_SELFALIGN, "sra_sdpa_math", sdpa="math"),
+    _toggle(SRA_SELFALIGN, "sra_sdpa_flash", sdpa="flash"),
+    _toggle(SRA_SELFALIGN, "sra_sdpa_efficient", sdpa="efficient"),
+    _toggle(SRA_SELFALIGN, "sra_sdpa_cudnn", sdpa="cudnn"),
+    _toggle(SRA_SELFALIGN, "sra_adam_foreach", adam="foreach"),
+    _toggle(SRA_SELFALIGN, "sra_ema_loop", ema_foreach=False),
+    _toggle(SRA_SELFALIGN, "sra_full_teacher", truncate=False),
+    _toggle(SRA_SELFALIGN, "sra_teacher_fp32", teacher_precision="fp32"),
+    _toggle(SRA_SELFALIGN, "sra_grad_checkpointing", grad_checkpointing=True),
+    _toggle(SRA_SELFALIGN, "sra_teacher_fraction_0.5", teacher_fraction=0.5),
+    _toggle(VANILLA, "vanilla_compile", compile=True),
+    _toggle(SRA_SELFALIGN, "sra_compile", compile=True),
+    _toggle(TEACHER_ONLY, "teacher_only_compile", compile=True),
+)}
+NOT_DONE = {
+    "teacher_fp8": "not done: an honest fp8 teacher needs scaled fp8 matmuls (torch._scaled_mm with "
+                   "per-tensor amax scaling, or torchao's Float8Linear) checked against the bf16 "
+                   "teacher's features on a Hopper card; no GPU was lent to the session that wrote "
+                   "this harness and torchao is not in the GPU image. Ceiling: see "
+                   "analysis.teacher_share_of_sra_flops (fp8 can at most halve that part's matmuls).",
+    "cached_vs_online_vae": "measured by benchmarks/gpu/vae_encode.py (a separate script).",
+}
+
+
+def sdpa_context(backend: str | None):
+    if backend is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    names = {"math": "MATH", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+             "cudnn": "CUDNN_ATTENTION"}
+    return sdpa_kernel(getattr(SDPBackend, names[backend]))
+
+
+class Bench:
+    """One model, its EMA teacher and one SRA head shared by every row (their values don't
+    change the timing), with optimizers and training steps built per row on first use."""
+
+    def __init__(self, preset: Preset, device: torch.device):
+        torch.manual_seed(0)
+        self.device = device
+        self.config = backbone_config(preset.model, input_size=preset.input_size,
+                                      in_channels=preset.in_channels, num_classes=preset.num_classes)
+        self.model = DiffusionTransformer(self.config).to(device).train()
+        self.ema = EMA(self.model)
+        self.sra_config = SRAConfig.for_model(preset.model)
+        self.head = projection_head(self.config.hidden_size).to(device)
+        self.params = list(self.model.parameters()) + list(self.head.parameters())
+        self.objective = FlowObjective()
+        if preset.precision == "bf16":
+            self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+        else:
+            self.autocast = contextlib.nullcontext
+        self.generator = torch.Generator(device).manual_seed(0)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.steps: dict[tuple, TrainingStep] = {}
+        self.compiled: tuple[torch.nn.Module, torch.nn.Module] | None = None
+        self.batch = 0
+
+    def set_batch(self, batch: int) -> None:
+        self.batch = batch
+        shape = (batch, self.config.in_channels, self.config.input_size, self.config.input_size)
+        self.x0 = torch.randn(shape, device=self.device)
+        self.y = torch.randint(0, self.config.num_classes, (batch,), device=self.device)
+        t = torch.rand(batch, device=self.device)   # teacher-only inputs, as SRA builds them
+        t_teacher = self.objective.earlier_time(t, self.sra_config.k_max)
+        self.x_teacher = self.objective.interpolate(self.x0, torch.randn_like(self.x0), t_teacher)
+        self.t_teacher = self.objective.model_time(t_teacher)
+
+    def optimizer(self, kind: str) -> torch.optim.Optimizer:
+        if kind not in self.optimizers:
+            flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "default": {}}[kind]
+            self.optimizers[kind] = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0, **flags)
+        return self.optimizers[kind]
+
+    def networks(self, compiled: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(student, teacher); compiled whole-model with static shapes (one graph each)."""
+        if not compiled:
+            return self.model, self.ema.model
+        if self.compiled is None:
+            self.compiled = (torch.compile(self.model, dynamic=False),
+                             torch.compile(self.ema.model, dynamic=False))
+        return self.compiled
+
+    def training_step(self, v: Variant) -> TrainingStep:
+        key = (v.kind, v.truncate, v.teacher_precision, v.teacher_fraction, v.compile)
+        if key not in self.steps:
+            regularizers = {}
+            if v.kind == "sra":
+                config = dataclasses.replace(self.sra_config, teacher_truncate=v.truncate,
+                                             teacher_precision=v.teacher_precision,
+                                             teacher_fraction=v.teacher_fraction)
+                sra = SRA(config, self.config.hidden_size, self.config.depth)
+                sra.head = self.head        # one head for every row
+                regularizers["sra"] = sra
+            student, _ = self.networks(v.compile)
+            self.steps[key] = TrainingStep(student, self.objective, regularizers)
+        return self.steps[key]
+
+    def run(self, v: Variant) -> None:
+        """One step of row ``v`` (a whole training step, or the teacher-only forward)."""
+        _, teacher = self.networks(v.compile)
+        if v.kind == "teacher_only":
+            with torch.no_grad(), sdpa_context(v.sdpa), self.autocast():
+                teacher(self.x_teacher, self.t_teacher, self.y, taps=[self.sra_config.teacher_layer],
+                        features_only=True)
+            return
+        step, optimizer = self.training_step(v), self.optimizer(v.adam)
+        self.model.config.grad_checkpointing = v.grad_checkpointing
+        self.ema.foreach = v.ema_foreach
+        try:
+            with sdpa_context(v.sdpa):
+                total, _ = step(self.x0, self.y, teacher=teacher if v.kind == "sra" else None,
+                                generator=self.generator, autocast=self.autocast)
+                total.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            optimizer.step()
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            self.model.config.grad_checkpointing = False
+        self.ema.update(self.model)
+
+    def flops_per_step(self, v: Variant) -> float:
+        """Useful model FLOPs of one step of ``v`` for the whole batch (see selfalign.flops)."""
+        n = self.sra_config.teacher_layer
+        if v.kind == "teacher_only":
+            return self.batch * training_step_flops(self.config, teacher_layer=n)["teacher"]
+        layer = n if v.kind == "sra" else None
+        return self.batch * training_step_flops(self.config, teacher_layer=layer,
+                                                teacher_fraction=v.teacher_fraction)["total"]
+
+    def cleanup(self) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def error_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
+
+
+def fit_batch(bench: Bench, candidates) -> tuple[int, list]:
+    """The largest batch at which both SRA rows run with 10 % of the card's memory to spare."""
+    total = torch.cuda.get_device_properties(bench.device).total_memory
+    tried = []
+    for batch in candidates:
+        bench.set_batch(batch)
+        torch.cuda.reset_peak_memory_stats(bench.device)
+        try:
+            for v in (SRA_SELFALIGN, SRA_RELEASED, VANILLA):
+                bench.run(v)
+            torch.cuda.synchronize(bench.device)
+            peak = torch.cuda.max_memory_allocated(bench.device)
+            tried.append({"batch": batch, "peak_gib": round(peak / 2**30, 2)})
+            if peak < 0.9 * total:
+                return batch, tried
+        except torch.cuda.OutOfMemoryError:
+            tried.append({"batch": batch, "error": "out of memory"})
+        bench.cleanup()
+    raise SystemExit(f"no batch in {candidates} fits on {torch.cuda.get_device_name(bench.device)}")
+
+
+def measure(bench: Bench, variants: list[Variant], preset: Preset, deadline: float) -> dict:
+    """Warm every row up, then interleaved rounds; returns per-row samples and status."""
+    cuda = bench.device.type == "cuda"
+    rows = {v.name: {"variant": dataclasses.asdict(v), "samples": [], "status": "ok",
+                     "peak_gib": None, "step_gib": None} for v in variants}
+    active = []
+    for v in variants:
+        if time.monotonic() > deadline:
+            rows[v.name]["status"] = "skipped: time budget spent before its warm-up"
+            continue
+        try:
+            first = timed(lambda: bench.run(v), bench.device)
+            for _ in range(preset.warmup - 1):
+                bench.run(v)
+            rows[v.name]["first_step_s"] = round(first, 3)   # includes compilation
+            active.append(v)
+        except Exception as err:   # one toggle an old card or CPU lacks must not end the run
+            rows[v.name]["status"] = "failed: " + error_line(err)
+            bench.cleanup()
+    for r in range(preset.repeats):
+        for v in (active if r % 2 == 0 else active[::-1]):
+            if time.monotonic() > deadline:
+                rows[v.name].setdefault("note", "time budget ran out: fewer rounds than asked")
+                continue
+            if cuda:
+                torch.cuda.synchronize(bench.device)
+                start_mem = torch.cuda.memory_allocated(bench.device)
+                torch.cuda.reset_peak_memory_stats(bench.device)
+            try:
+                for _ in range(preset.steps):
+                    rows[v.name]["samples"].append(timed(lambda: bench.run(v), bench.device))
+            except Exception as err:
+                rows[v.name]["status"] = "failed: " + error_line(err)
+                bench.cleanup()
+                continue
+            if cuda:
+                peak = torch.cuda.max_memory_allocated(bench.device)
+                rows[v.name]["peak_gib"] = max(rows[v.name]["peak_gib"] or 0, peak / 2**30)
+                rows[v.name]["step_gib"] = max(rows[v.name]["step_gib"] or 0, (peak - start_mem) / 2**30)
+    for v in variants:
+        row = rows[v.name]
+        row.update(summary(row["samples"]))
+        row["samples_ms"] = [round(s * 1e3, 3) for s in row.pop("samples")]
+        if row.get("median_ms"):
+            row["images_per_s"] = bench.batch / (row["median_ms"] / 1e3)
+            row["model_tflops_per_step"] = bench.flops_per_step(v) / 1e12
+            row["achieved_tflops"] = row["model_tflops_per_step"] / (row["median_ms"] / 1e3)
+    return rows
+
+
+def select_variants(spec: str) -> list[Variant]:
+    if spec == "none":
+        return list(BASE_ROWS)
+    names = list(TOGGLES) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in TOGGLES]
+    if unknown:
+        raise SystemExit(f"unknown toggle(s) {unknown}: choose from {list(TOGGLES)}, 'all' or 'none'")
+    return list(BASE_ROWS) + [TOGGLES[n] for n in names]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
+    parser.add_argument("--batch", default=None, help="an integer or 'auto' (default: the preset's)")
+    parser.add_argument("--max-batch", type=int, default=256, help="largest batch 'auto' tries")
+    parser.add_argument("--toggles", default=None, help="'all', 'none' or a comma list of " + ", ".join(TOGGLES))
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--budget-s", type=float, default=None, help="stop starting new work after this")
+    parser.add_argument("--device", default=None, help="override the preset's device")
+    parser.add_argument("--out", default=None, help="JSON file or folder (default benchmarks/results/)")
+    args = parser.parse_args(argv)
+
+    preset = PRESETS[args.preset]
+    preset = dataclasses.replace(preset, **{k: getattr(args, k) for k in ("repeats", "steps", "warmup", "toggles")
+                                            if getattr(args, k) is not None})
+    device = pick_device(args.device or preset.device)
+    started = time.monotonic()
+    deadline = started + args.budget_s if args.budget_s else float("inf")
+    # The released script sets these at import; they only affect fp32 matmuls (its teacher).
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    env = environment(device)
+    dtype = torch.bfloat16 if preset.precision == "bf16" else torch.float32
+    rate = matmul_tflops(device, dtype)
+    bench = Bench(preset, device)
+    batch_search = None
+    batch = args.batch or preset.batch
+    if batch == "auto":
+        if device.type != "cuda":
+            raise SystemExit("--batch auto needs a GPU; give an integer batch on CPU")
+        batch, batch_search = fit_batch(bench, [b for b in BATCH_CANDIDATES if b <= args.max_batch])
+    bench.set_batch(int(batch))
+    variants = select_variants(preset.toggles)
+    if args.no_compile:
+        variants = [v for v in variants if not v.compile]
+    rows = measure(bench, variants, preset, deadline)
+
+    result = {
+        "benchmark": "train_step",
+        "environment": env,
+        "settings": {"preset": args.preset, **dataclasses.asdict(preset), "batch": bench.batch,
+                     "batch_search": batch_search, "tokens": bench.config.num_tokens,
+                     "hidden_size": bench.config.hidden_size, "depth": bench.config.depth,
+                     "sra_layers": [bench.sra_config.student_layer, bench.sra_config.teacher_layer],
+                     "parameters_m": sum(p.numel() for p in bench.model.parameters()) / 1e6,
+                     "tf32_for_fp32_matmuls": True, "lr": 1e-4, "grad_clip": 1.0,
+                     "command": " ".join(sys.argv)},
+        "matmul_rate": rate,
+        "rows": rows,
+        "not_done": NOT_DONE,
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    result["analysis"] = analyse(result, bench.config, bench.sra_config.teacher_layer)
+    slug = env["device"].split("(")[0].strip().replace(" ", "-").replace("/", "-")[:40]
+    path = write_json(result, args.out, f"train_step_{args.preset}_{slug}.json")
+    header, table = table_rows(result)
+    print(f"\n{args.preset}: {bench.config.num_tokens} tokens, batch {bench.batch}, {env['device']}, "
+          f"load {env['load_average_start'][0]:.2f}")
+    print_table(table, header)
+    for line in result["analysis"]["lines"]:
+        print(line)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
