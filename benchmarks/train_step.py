@@ -77,8 +77,9 @@ class Variant:
     teacher_precision: str = "autocast"
     teacher_fraction: float = 1.0
     ema_foreach: bool = True
-    adam: str = "fused"                 # "fused", "foreach" or "default" (torch's choice)
-    compile: bool = False
+    adam: str = "trainer"               # "trainer" (fused on CUDA, else torch's choice), "fused",
+                                        # "foreach" or "default" (torch's choice, the released code)
+    compile: str = ""                   # "": eager; "student" (what train.compile does); "both"
     grad_checkpointing: bool = False
     sdpa: str | None = None             # None: PyTorch picks the attention kernel
     base: str | None = None             # the row a toggle is compared with
@@ -101,15 +102,17 @@ TOGGLES = {v.name: v for v in (
     _toggle(SRA_SELFALIGN, "sra_sdpa_flash", sdpa="flash"),
     _toggle(SRA_SELFALIGN, "sra_sdpa_efficient", sdpa="efficient"),
     _toggle(SRA_SELFALIGN, "sra_sdpa_cudnn", sdpa="cudnn"),
+    _toggle(SRA_SELFALIGN, "sra_adam_fused", adam="fused"),
     _toggle(SRA_SELFALIGN, "sra_adam_foreach", adam="foreach"),
     _toggle(SRA_SELFALIGN, "sra_ema_loop", ema_foreach=False),
     _toggle(SRA_SELFALIGN, "sra_full_teacher", truncate=False),
     _toggle(SRA_SELFALIGN, "sra_teacher_fp32", teacher_precision="fp32"),
     _toggle(SRA_SELFALIGN, "sra_grad_checkpointing", grad_checkpointing=True),
     _toggle(SRA_SELFALIGN, "sra_teacher_fraction_0.5", teacher_fraction=0.5),
-    _toggle(VANILLA, "vanilla_compile", compile=True),
-    _toggle(SRA_SELFALIGN, "sra_compile", compile=True),
-    _toggle(TEACHER_ONLY, "teacher_only_compile", compile=True),
+    _toggle(VANILLA, "vanilla_compile", compile="student"),
+    _toggle(SRA_SELFALIGN, "sra_compile", compile="both"),
+    _toggle(SRA_SELFALIGN, "sra_compile_student", compile="student"),
+    _toggle(TEACHER_ONLY, "teacher_only_compile", compile="both"),
 )}
 NOT_DONE = {
     "teacher_fp8": "not done: an honest fp8 teacher needs scaled fp8 matmuls (torch._scaled_mm with "
@@ -165,23 +168,29 @@ class Bench:
         self.x_teacher = self.objective.interpolate(self.x0, torch.randn_like(self.x0), t_teacher)
         self.t_teacher = self.objective.model_time(t_teacher)
 
+    def adam_kind(self, kind: str) -> str:
+        if kind == "trainer":    # selfalign.training.trainer: fused=device.type == "cuda"
+            return "fused" if self.device.type == "cuda" else "default"
+        return kind
+
     def optimizer(self, kind: str) -> torch.optim.Optimizer:
+        kind = self.adam_kind(kind)
         if kind not in self.optimizers:
             flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "default": {}}[kind]
             self.optimizers[kind] = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0, **flags)
         return self.optimizers[kind]
 
-    def networks(self, compiled: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """(student, teacher); compiled whole-model with static shapes (one graph each)."""
+    def networks(self, compiled: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(student, teacher): eager, or whole-model torch.compile with static shapes."""
         if not compiled:
             return self.model, self.ema.model
         if self.compiled is None:
             self.compiled = (torch.compile(self.model, dynamic=False),
                              torch.compile(self.ema.model, dynamic=False))
-        return self.compiled
+        return self.compiled[0], self.compiled[1] if compiled == "both" else self.ema.model
 
     def training_step(self, v: Variant) -> TrainingStep:
-        key = (v.kind, v.truncate, v.teacher_precision, v.teacher_fraction, v.compile)
+        key = (v.kind, v.truncate, v.teacher_precision, v.teacher_fraction, bool(v.compile))
         if key not in self.steps:
             regularizers = {}
             if v.kind == "sra":
@@ -196,7 +205,12 @@ class Bench:
         return self.steps[key]
 
     def run(self, v: Variant) -> None:
-        """One step of row ``v`` (a whole training step, or the teacher-only forward)."""
+        """One step of row ``v`` (a whole training step, or the teacher-only forward).
+
+        As ``Trainer.train_step``: forward and backward, global-norm clipping (foreach), one
+        host sync on the finiteness of loss and norm (the released code syncs as often: it logs
+        ``loss.item()`` every step), AdamW, EMA.
+        """
         _, teacher = self.networks(v.compile)
         if v.kind == "teacher_only":
             with torch.no_grad(), sdpa_context(v.sdpa), self.autocast():
@@ -211,12 +225,22 @@ class Bench:
                 total, _ = step(self.x0, self.y, teacher=teacher if v.kind == "sra" else None,
                                 generator=self.generator, autocast=self.autocast)
                 total.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
+            if not torch.stack([torch.isfinite(total), torch.isfinite(norm)]).all().item():
+                raise FloatingPointError("non-finite loss or gradient norm")
             optimizer.step()
         finally:
             optimizer.zero_grad(set_to_none=True)
             self.model.config.grad_checkpointing = False
         self.ema.update(self.model)
+
+    def same_as_base(self, v: Variant) -> bool:
+        """A toggle that changes nothing here (fused AdamW is already the trainer's on CUDA)."""
+        if v.base is None:
+            return False
+        base = next(b for b in BASE_ROWS if b.name == v.base)
+        plain = lambda x: dataclasses.replace(x, name="", base=None, adam=self.adam_kind(x.adam))
+        return plain(v) == plain(base)
 
     def flops_per_step(self, v: Variant) -> float:
         """Useful model FLOPs of one step of ``v`` for the whole batch (see selfalign.flops)."""
@@ -333,6 +357,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--budget-s", type=float, default=None, help="stop starting new work after this")
     parser.add_argument("--device", default=None, help="override the preset's device")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's); 1 is steadier on a shared machine")
     parser.add_argument("--out", default=None, help="JSON file or folder (default benchmarks/results/)")
     args = parser.parse_args(argv)
 
@@ -340,6 +366,8 @@ def main(argv=None) -> int:
     preset = dataclasses.replace(preset, **{k: getattr(args, k) for k in ("repeats", "steps", "warmup", "toggles")
                                             if getattr(args, k) is not None})
     device = pick_device(args.device or preset.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.monotonic()
     deadline = started + args.budget_s if args.budget_s else float("inf")
     # The released script sets these at import; they only affect fp32 matmuls (its teacher).
@@ -357,9 +385,8 @@ def main(argv=None) -> int:
             raise SystemExit("--batch auto needs a GPU; give an integer batch on CPU")
         batch, batch_search = fit_batch(bench, [b for b in BATCH_CANDIDATES if b <= args.max_batch])
     bench.set_batch(int(batch))
-    variants = select_variants(preset.toggles)
-    if args.no_compile:
-        variants = [v for v in variants if not v.compile]
+    variants = [v for v in select_variants(preset.toggles)
+                if not (args.no_compile and v.compile) and not bench.same_as_base(v)]
     rows = measure(bench, variants, preset, deadline)
 
     result = {

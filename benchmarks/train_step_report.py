@@ -7,8 +7,8 @@ FLOOR_TARGET = 0.05          # SRA step within 5 % of vanilla + teacher-only for
 RELEASED_TARGET = 1.5        # selfalign SRA >= 1.5x the released recipe's images/s (GPU, XL/2)
 MFU_TARGET = 0.55            # SiT-XL/2 bf16 on an H100
 # rows that run exactly the selfalign SRA step, only faster or slower (same math, same loss)
-SAME_SRA_ROWS = ("sra", "sra_compile", "sra_sdpa_flash", "sra_sdpa_efficient", "sra_sdpa_cudnn",
-                 "sra_sdpa_math", "sra_adam_foreach")
+SAME_SRA_ROWS = ("sra", "sra_compile", "sra_compile_student", "sra_sdpa_flash", "sra_sdpa_efficient",
+                 "sra_sdpa_cudnn", "sra_sdpa_math", "sra_adam_fused", "sra_adam_foreach")
 
 
 def _ms(rows, name):
