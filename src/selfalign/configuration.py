@@ -7,6 +7,8 @@ checks; it is called after loading.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,6 +19,20 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and says what is expected."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``1e-4`` and ``4e5`` are numbers (as in YAML 1.2), not strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 def _type_name(tp) -> str:
@@ -42,10 +58,19 @@ def _coerce(value: Any, tp, key: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} fields, got {value!r}")
         return from_dict(tp, value, key)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if any(type(value) is type(c) and value == c for c in choices):   # True is not 1
+            return value
+        raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         args = typing.get_args(tp)
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):   # tuple[int, str]: fixed length, one type per place
+                raise ConfigError(f"{key}: expected a list of {len(args)} items, got {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item_type = args[0] if args else Any
         items = [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
@@ -79,14 +104,23 @@ def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise :class:`ConfigError`."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of {_type_name(cls)} fields, "
+                          f"got {data!r}")
     kwargs = {}
     for key, value in (data or {}).items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            close = [name for name in fields if name.startswith(str(key)[:3])]
+            close = (difflib.get_close_matches(str(key), fields, n=1)
+                     or [name for name in fields if name.startswith(str(key)[:3])])
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{dotted}: unknown key{hint}; valid keys: {', '.join(fields)}")
         kwargs[key] = _coerce(value, hints[key], dotted)
+    missing = [name for name, f in fields.items() if name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        dotted = f"{prefix}.{missing[0]}" if prefix else missing[0]
+        raise ConfigError(f"{dotted}: required key missing")
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         try:
@@ -110,10 +144,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    # YAML reads 1e-4 as a string; numbers written that way are still numbers.
+    # Belt and braces: a number-looking string the YAML loader left alone is still a number.
     if isinstance(value, str):
         try:
             value = float(value) if any(c in value for c in ".eE") else int(value)
@@ -128,7 +162,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         path, value = parse_override(text)
         node = data
         for part in path[:-1]:
-            child = node.setdefault(part, {})
+            if node.get(part) is None:   # an absent section, or one left empty in YAML
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {text!r}: {part} is not a section")
             node = child
@@ -141,7 +177,7 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
