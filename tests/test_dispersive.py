@@ -91,6 +91,7 @@ def test_gradients_reach_only_blocks_up_to_the_tapped_one(tiny_model):
 
 
 def _ddp_worker(rank, world, init_file, x, out_path):
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(x.shape[1], 6))
