@@ -263,7 +263,7 @@ def test_for_model_overrides_and_unknown():
     ({"student_layer": 0}, "student_layer"),
     ({"k_max": 1.5}, "k_max"),
     ({"k_max": -0.1}, "k_max"),
-    ({"distance": "cos"}, "distance"),
+    ({"distance": "cos"}, r"sra\.distance: unknown distance"),
     ({"weight": -1.0}, "weight"),
     ({"weight_schedule": "cosine"}, "weight_schedule"),
     ({"teacher_precision": "fp16"}, "teacher_precision"),

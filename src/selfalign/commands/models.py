@@ -19,14 +19,15 @@ def run(args) -> int:
     from ..models.presets import PUBLISHED_PARAMS_M
     from ..regularizers.sra import LAYER_PRESETS
 
+    names = [name for name in preset_names() if args.filter in name
+             and args.input_size % backbone_config(name).patch_size == 0]
+    if not names:
+        raise ValueError(f"no preset matches --filter {args.filter!r} with --input-size "
+                         f"{args.input_size} (the input size must be divisible by the patch size)")
     print(f"{'preset':<10} {'params':>10} {'published':>10} {'tokens':>6} {'SRA m->n':>9}")
-    for name in preset_names():
-        if args.filter not in name:
-            continue
+    for name in names:
         cfg = backbone_config(name, input_size=args.input_size, in_channels=args.in_channels,
                               num_classes=args.num_classes)
-        if args.input_size % cfg.patch_size:
-            continue
         with torch.device("meta"):     # no memory is allocated for the weights
             params = count_parameters(DiffusionTransformer(cfg))
         size_patch = name.split("-", 1)[1]

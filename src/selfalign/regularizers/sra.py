@@ -63,7 +63,10 @@ class SRAConfig:
             raise ValueError(f"sra.teacher_layer={self.teacher_layer} is beyond the model depth {depth}")
         if not 0.0 <= self.k_max <= 1.0:
             raise ValueError(f"sra.k_max must be in [0, 1], got {self.k_max}")
-        get_distance(self.distance)
+        try:
+            get_distance(self.distance)
+        except ValueError as err:
+            raise ValueError(f"sra.distance: {err}") from None
         if self.weight < 0:
             raise ValueError(f"sra.weight must be >= 0, got {self.weight}")
         if self.weight_schedule not in WEIGHT_SCHEDULES:
