@@ -301,3 +301,36 @@ def test_sra_reads_only_the_context(tiny_model):
                       teacher=ema.model, features=feats)
     # k_max = 0, the teacher an exact copy, no head: the distance is exactly zero (3->3 ablation)
     assert sra.loss(ctx).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_dit_teacher_gets_discrete_earlier_steps_of_the_same_noise(tiny_model):
+    from selfalign.objectives import DDPMObjective
+
+    class RecordingDDPM(DDPMObjective):
+        def __init__(self):
+            super().__init__()
+            self.interpolations = []
+
+        def interpolate(self, x0, noise, t):
+            self.interpolations.append((noise.clone(), t.clone()))
+            return super().interpolate(x0, noise, t)
+
+    model = tiny_model("DiT-T/2", input_size=8, in_channels=2, num_classes=NUM_CLASSES)
+    ema = EMA(model)
+    objective = RecordingDDPM()
+    sra = SRA(SRAConfig.for_model("DiT-T/2"), 128, 6)
+    step = TrainingStep(model, objective, {"sra": sra})
+    teacher_calls = []
+    record_calls(ema.model, teacher_calls)
+    x0 = torch.randn(64, 2, 8, 8)
+    y = torch.randint(0, NUM_CLASSES, (64,))
+    _, terms = step(x0, y, teacher=ema.model, generator=torch.Generator().manual_seed(0))
+    (noise, t), (t_noise, t_prime) = objective.interpolations
+    assert torch.equal(noise, t_noise) and t_prime.dtype == torch.long
+    k = t - t_prime
+    assert torch.all((k >= 0) & (k < 200) | (t_prime == 1))   # clamp(t - randint(0, 200), 1, 999)
+    assert torch.all((t_prime >= 1) & (t_prime <= 999)) and len(set(k.tolist())) > 5
+    (tx, tt, _), _, _, _ = teacher_calls[0]
+    torch.testing.assert_close(tx, objective.interpolate(x0, noise, t_prime), rtol=0, atol=0)
+    assert torch.equal(tt, t_prime.float())
+    assert torch.isfinite(terms["sra"])
