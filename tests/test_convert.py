@@ -1,0 +1,166 @@
+"""selfalign convert: released layouts import to the same function (SiT's reversed time included),
+round trips are exact, misfits are refused naming the first mismatch, pickled code is never run."""
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+import torch
+
+from selfalign.cli import main
+from selfalign.models import build_model
+from selfalign.pipeline.convert import (export_checkpoint, export_state, import_checkpoint, import_state,
+                                        read_tensors, time_reflection)
+from selfalign.training.checkpoint import load_for_inference
+
+from conftest import randomize_zero_init
+
+KW = dict(input_size=8, in_channels=4, num_classes=10)
+
+
+def model(name="SiT-T/2", seed=0, **kw):
+    torch.manual_seed(seed)
+    m = build_model(name, **{**KW, **kw})
+    with torch.no_grad():          # pos_embed travels as a tensor; make sure it is really copied
+        m.pos_embed.add_(0.01 * torch.randn(m.pos_embed.shape))
+    return randomize_zero_init(m, seed=seed).eval()
+
+
+def inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 4, 8, 8, generator=g), torch.tensor([0, 3, 9, 10])
+
+
+def original_sit(state):
+    """The original SiT's forward (learn_sigma=True, t = 1 is data) from its state dict."""
+    net = build_model("SiT-T/2", learn_sigma=True, **KW).eval()
+    net.load_state_dict(state)
+    return lambda x, t, y: net(x, t, y)[:, :4]
+
+
+def test_time_reflection_maps_the_embedding_of_t_to_that_of_1_minus_t():
+    from selfalign.models.backbone import TimestepEmbedder
+    t = torch.tensor([0.0, 0.1, 0.5, 0.97, 1.0])
+    m = time_reflection(256)
+    emb = TimestepEmbedder.frequencies(t, 256).double()
+    torch.testing.assert_close(emb @ m.T, TimestepEmbedder.frequencies(1 - t, 256).double(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(m @ m, torch.eye(256, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_original_sit_gives_the_same_velocity_field_and_sampling_trajectory():
+    sit_state = model(learn_sigma=True, seed=4).state_dict()
+    original = original_sit(sit_state)
+    converted = import_state(sit_state, "sit")
+    ours = build_model(converted.preset, **KW).eval()
+    ours.load_state_dict(converted.ema)
+    x, y = inputs()
+    with torch.no_grad():
+        for s in (0.0, 0.25, 0.6, 1.0):
+            t = torch.full((4,), s)
+            torch.testing.assert_close(ours(x, t, y), -original(x, 1 - t, y), atol=2e-6, rtol=1e-5)
+        # Euler from noise: SiT integrates t = 0 -> 1 (to data), selfalign s = 1 -> 0; same grid.
+        steps = torch.linspace(0, 1, 21)
+        a, b = x.clone(), x.clone()
+        for t0, t1 in zip(steps[:-1], steps[1:]):
+            a = a + (t1 - t0) * original(a, torch.full((4,), float(t0)), y)
+            s0, s1 = 1 - t0, 1 - t1
+            b = b + (s1 - s0) * ours(b, torch.full((4,), float(s0)), y)
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout, name", [("sra", "SiT-T/2"), ("repa", "SiT-T/2"), ("dit", "DiT-T/2")])
+def test_round_trip_is_exact(layout, name):
+    net = model(name)
+    state = net.state_dict()
+    heads = {"sra": {"sra.head.0.weight": torch.randn(256, 128), "sra.head.0.bias": torch.randn(256),
+                     "sra.head.2.weight": torch.randn(128, 256), "sra.head.2.bias": torch.randn(128)},
+             "repa": {f"repa.projector.{j}.{p}": torch.randn(*s) for j, shapes in
+                      {0: ((64, 128), (64,)), 2: ((64, 64), (64,)), 4: ((32, 64), (32,))}.items()
+                      for p, s in zip(("weight", "bias"), shapes)}}.get(layout, {})
+    released, _ = export_state(state, state, heads, net.config, layout)
+    back = import_state(released, layout, keep_heads=True)
+    assert back.preset == name and set(back.ema) == set(state)
+    assert all(torch.equal(back.ema[k], state[k]) for k in state)
+    assert set(back.regularizers) == set(heads) and all(torch.equal(back.regularizers[k], heads[k]) for k in heads)
+    again = build_model(name, **KW).eval()
+    again.load_state_dict(back.ema)
+    x, y = inputs()
+    t = torch.tensor([1.0, 50.0, 500.0, 999.0]) if layout == "dit" else torch.tensor([0.0, 0.3, 0.7, 1.0])
+    with torch.no_grad():
+        assert torch.equal(again(x, t, y), net(x, t, y))
+
+
+def test_sit_round_trip_is_exact_to_float_rounding():
+    net = model()
+    released, _ = export_state(net.state_dict(), net.state_dict(), {}, net.config, "sit")
+    assert released["ema"]["final_layer.linear.weight"].shape[0] == 2 * 4 * 4
+    back = import_state(released, "sit")
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(back.ema[key], value, atol=1e-7, rtol=1e-6)
+
+
+def test_files_and_cli_import_export(tmp_path, capsys):
+    # A REPA training checkpoint as REPA writes it: model/ema/opt-free, args Namespace, steps.
+    net = model()
+    state = {**net.state_dict(), **{f"projectors.0.{j}.weight": torch.randn(8, 128 if j == 0 else 8) for j in (0, 2, 4)},
+             **{f"projectors.0.{j}.bias": torch.randn(8) for j in (0, 2, 4)}}
+    src = tmp_path / "repa.pt"
+    torch.save({"model": state, "ema": state, "args": argparse.Namespace(model="SiT-T/2", lr=1e-4), "steps": 400}, src)
+    assert main(["convert", "import", str(src), str(tmp_path / "run"), "--from", "repa"]) == 0
+    assert "dropped 6 head tensors (projectors.*)" in capsys.readouterr().out
+    loaded, objective, config = load_for_inference(tmp_path / "run")
+    assert config.model.preset == "SiT-T/2" and objective.kind == "flow"
+    x, y = inputs()
+    t = torch.rand(4)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), net(x, t, y))
+    assert main(["convert", "export", str(tmp_path / "run"), str(tmp_path / "out.pt"), "--to", "sit"]) == 0
+    exported = read_tensors(tmp_path / "out.pt")
+    assert exported["steps"] == 400
+    original = original_sit(exported["ema"])
+    with torch.no_grad():
+        torch.testing.assert_close(original(x, 1 - t, y), -net(x, t, y), atol=2e-6, rtol=1e-5)
+    path, _ = export_checkpoint(tmp_path / "run", "sra", tmp_path / "ema.safetensors")
+    path2, converted = import_checkpoint(path, "sra", tmp_path / "run2")
+    assert all(torch.equal(converted.ema[k], v) for k, v in net.state_dict().items())
+
+
+def test_misfits_are_refused_naming_the_first_mismatch(tmp_path, capsys):
+    state = model().state_dict()
+    with pytest.raises(ValueError, match=r"'pos_embed' has shape \(1, 16, 128\), the preset needs "
+                                         r"\(1, 16, 256\).*looks like SiT-T/2"):
+        import_state(state, "sra", preset="SiT-M/2")
+    broken = {k: v for k, v in state.items() if k != "blocks.3.mlp.fc2.bias"}
+    with pytest.raises(ValueError, match="lacks 'blocks.3.mlp.fc2.bias'"):
+        import_state(broken, "repa")
+    with pytest.raises(ValueError, match="unexpected tensor 'extra.weight'"):
+        import_state({**state, "extra.weight": torch.zeros(1)}, "sra")
+    with pytest.raises(ValueError, match="final_layer.linear.weight' has shape \\(16, 128\\), the preset needs \\(32, 128\\)"):
+        import_state(state, "sit")           # a selfalign/REPA SiT is not an original (learn_sigma) SiT
+    with pytest.raises(ValueError, match="is a SiT model but the 'dit' layout"):
+        import_state(state, "dit", preset="SiT-T/2")
+    torch.save(state, tmp_path / "sit.pt")
+    assert main(["convert", "import", str(tmp_path / "sit.pt"), str(tmp_path / "r"), "--from", "sra",
+                 "--preset", "SiT-T/4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'pos_embed' has shape (1, 16, 128), the preset needs (1, 4, 128)" in err and len(err.splitlines()) == 1
+
+
+class Exploit:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_a_malicious_pickle_is_refused_and_never_run(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"ema": model().state_dict(), "payload": Exploit(marker)}, path)
+    with pytest.raises(ValueError, match="refused.*never unpickles code"):
+        read_tensors(path)
+    assert main(["convert", "import", str(path), str(tmp_path / "run"), "--from", "sra"]) == 2
+    assert "refused" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "run").exists()
