@@ -1,0 +1,203 @@
+"""Convergence benchmark: vanilla vs SRA vs REPA on Fashion-MNIST, several seeds, plus a small SRA
+ablation, all through the real trainer (``selfalign train``) and its in-loop evaluation
+(``evaluation.training_eval``: in-domain FD, accuracy, precision, recall at fixed kimg).
+
+Runs one training at a time (the machine may be shared), resumably: a finished run is skipped, an
+interrupted one continues from its newest checkpoint (``--resume auto``). Then
+``summarize.py`` writes the table, JSON and plot.
+
+    python benchmarks/convergence/run.py --budget smoke               # minutes: checks every arm
+    nohup python benchmarks/convergence/run.py --budget cpu --seeds 3 > convergence.log 2>&1 &
+    python benchmarks/convergence/run.py --budget gpu --seeds 3        # one GPU, SiT-S/2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+
+
+@dataclass(frozen=True)
+class Budget:
+    presets: dict            # arm family -> trainer preset
+    kimg: float              # images per run
+    eval_every_kimg: float   # the fixed checkpoints of the curves
+    eval_samples: int
+    seeds: int
+    ablation_seeds: int
+    fid_samples: int         # Inception FID at the final checkpoint (0: skipped)
+    extra: tuple = ()        # --set overrides for every run
+
+
+CPU_PRESETS = {"vanilla": "fmnist-cpu-tiny-vanilla", "sra": "fmnist-cpu-tiny-sra",
+               "repa": "fmnist-cpu-tiny-repa"}
+GPU_PRESETS = {"vanilla": "fmnist-gpu-small-vanilla", "sra": "fmnist-gpu-small-sra",
+               "repa": "fmnist-gpu-small-vanilla"}
+BUDGETS = {
+    # 2-core CPU: SiT-T/4 (64 tokens), batch 64; sized for about 60-90 minutes on a quiet machine
+    "cpu": Budget(CPU_PRESETS, kimg=12.8, eval_every_kimg=3.2, eval_samples=400, seeds=3,
+                  ablation_seeds=1, fid_samples=0),
+    # one GPU: SiT-S/2 (256 tokens), batch 256
+    "gpu": Budget(GPU_PRESETS, kimg=1000.0, eval_every_kimg=100.0, eval_samples=5000, seeds=3,
+                  ablation_seeds=2, fid_samples=5000),
+    # every arm for a few steps: checks the wiring, numbers meaningless
+    "smoke": Budget(CPU_PRESETS, kimg=0.256, eval_every_kimg=0.128, eval_samples=24, seeds=1,
+                    ablation_seeds=1, fid_samples=0, extra=("train.log_every_kimg=0.064",)),
+}
+
+
+def arms(budget: Budget, gpu: bool) -> dict[str, tuple[str, tuple[str, ...], bool]]:
+    """name -> (preset, overrides, is_ablation). Layers follow the preset's model (T: 2->4, S: 3->8)."""
+    p = budget.presets
+    student = "3" if gpu else "2"
+    repa = (() if not gpu else  # the GPU preset has no REPA entry: add it (SiT-S is 12 deep, REPA's layer 4)
+            ("regularizers.repa.layer=4", "regularizers.repa.encoder=fmnist-classifier",
+             "regularizers.repa.projector_dim=2048"))
+    return {
+        "vanilla": (p["vanilla"], (), False),
+        "sra": (p["sra"], (), False),
+        "repa": (p["repa"], repa, False),
+        # the paper's 3->3 (teacher at the student's own block) on this depth
+        f"sra_layers_{student}to{student}": (p["sra"], (f"regularizers.sra.teacher_layer={student}",), True),
+        "sra_no_head": (p["sra"], ("regularizers.sra.head=false",), True),
+        "sra_interval_0": (p["sra"], ("regularizers.sra.k_max=0",), True),
+        # EMA 0: the teacher is the current student. The trainer's EMA is also the evaluated model,
+        # so vanilla with EMA 0 is the fair reference for this row.
+        "sra_ema_0": (p["sra"], ("train.ema_decay=0",), True),
+        "vanilla_ema_0": (p["vanilla"], ("train.ema_decay=0",), True),
+    }
+
+
+def plan(args) -> list[dict]:
+    budget = BUDGETS[args.budget]
+    seeds = args.seeds or budget.seeds
+    ablation_seeds = args.ablation_seeds or budget.ablation_seeds
+    kimg = args.kimg or budget.kimg
+    every = args.eval_every_kimg or budget.eval_every_kimg
+    samples = args.eval_samples or budget.eval_samples
+    runs = []
+    for name, (preset, overrides, ablation) in arms(budget, args.budget == "gpu").items():
+        if args.only and name not in args.only.split(","):
+            continue
+        if ablation and args.no_ablation:
+            continue
+        for seed in range(ablation_seeds if ablation else seeds):
+            sets = [f"train.seed={seed}", f"train.total_kimg={kimg}", f"train.eval_every_kimg={every}",
+                    f"train.eval_samples={samples}", f"train.ckpt_every_kimg={every}", "train.keep_last=1",
+                    "train.sample_every_kimg=0", "logging.progress_bar=false", "logging.tensorboard=false",
+                    *budget.extra, *overrides, *args.set]
+            if args.budget != "gpu":
+                sets.append("train.device=cpu")
+            runs.append({"arm": name, "seed": seed, "preset": preset, "overrides": sets, "ablation": ablation})
+    return runs
+
+
+def train(run: dict, run_dir: Path, env: dict) -> dict:
+    """One ``selfalign train`` subprocess; returns what happened (never raises on a failed run)."""
+    done = run_dir / "DONE.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cmd = [sys.executable, "-m", "selfalign.cli", "train", run["preset"], "--run-dir", str(run_dir)]
+    for item in run["overrides"]:
+        cmd += ["--set", item]
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        cmd += ["--resume", "auto"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    began = time.time()
+    with open(run_dir / "train.log", "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
+    record = {**run, "command": " ".join(cmd), "returncode": code, "seconds": round(time.time() - began, 1),
+              "load_average_end": list(os.getloadavg())}
+    if code == 0:
+        done.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def inception_fid(run_dir: Path, samples: int, work: Path, env: dict) -> None:
+    """FID of ``samples`` EMA samples (Euler-50) against as many Fashion-MNIST test images."""
+    out = run_dir / "fid.json"
+    if out.is_file() or samples <= 0:
+        return
+    ref = work / f"fashion-mnist-test-ref-{samples}.npz"
+    cli = [sys.executable, "-m", "selfalign.cli"]
+    if not ref.is_file():
+        subprocess.run(cli + ["eval", "ref", "fashion-mnist:test", "--resolution", "32", "--limit", str(samples),
+                              "--out", str(ref), "--no-progress"], env=env, cwd=REPO, check=True)
+    subprocess.run(cli + ["sample", str(run_dir), "--out", str(run_dir / "fid_samples"), "-n", str(samples),
+                          "--sampler", "euler", "--steps", "50", "--class-balanced", "--no-progress"],
+                   env=env, cwd=REPO, check=True)
+    subprocess.run(cli + ["eval", "fid", str(run_dir / "fid_samples" / "samples.npz"), "--ref", str(ref),
+                          "--json", str(out), "--no-progress"], env=env, cwd=REPO, check=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per main arm (default: the budget's)")
+    parser.add_argument("--ablation-seeds", type=int, default=None, help="seeds per ablation arm")
+    parser.add_argument("--kimg", type=float, default=None, help="images per run, thousands")
+    parser.add_argument("--eval-every-kimg", type=float, default=None)
+    parser.add_argument("--eval-samples", type=int, default=None)
+    parser.add_argument("--fid-samples", type=int, default=None, help="Inception FID samples (0: none)")
+    parser.add_argument("--only", default="", help="comma list of arms (default: all)")
+    parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every run")
+    parser.add_argument("--threads", type=int, default=None, help="OMP/torch threads of each run")
+    parser.add_argument("--work-dir", default=None, help="where runs go (default runs/convergence-<budget>)")
+    parser.add_argument("--results", default=None, help="where the table/JSON/plot go "
+                        "(default benchmarks/convergence/results[-<budget>] )")
+    parser.add_argument("--dry-plan", action="store_true", help="print the runs and exit")
+    args = parser.parse_args(argv)
+
+    budget = BUDGETS[args.budget]
+    work = Path(args.work_dir or REPO / "runs" / f"convergence-{args.budget}")
+    results = Path(args.results or HERE / ("results" if args.budget == "cpu" else f"results-{args.budget}"))
+    runs = plan(args)
+    if args.dry_plan:
+        for run in runs:
+            print(run["arm"], run["seed"], run["preset"], " ".join(run["overrides"]))
+        return 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    fid_samples = budget.fid_samples if args.fid_samples is None else args.fid_samples
+    work.mkdir(parents=True, exist_ok=True)
+    manifest = {"budget": args.budget, "command": " ".join([sys.executable] + sys.argv),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_average_start": list(os.getloadavg()),
+                "runs": []}
+    began = time.time()
+    for i, run in enumerate(runs):
+        run_dir = work / f"{run['arm']}-s{run['seed']}"
+        print(f"[{time.strftime('%H:%M:%S')}] {i + 1}/{len(runs)} {run_dir.name} (load {os.getloadavg()[0]:.1f})",
+              flush=True)
+        record = train(run, run_dir, env)
+        if record["returncode"] != 0:
+            print(f"  FAILED (code {record['returncode']}); see {run_dir / 'train.log'}", flush=True)
+        elif not run["ablation"]:
+            try:
+                inception_fid(run_dir, fid_samples, work, env)
+            except subprocess.CalledProcessError as err:
+                print(f"  Inception FID failed: {err}", flush=True)
+        manifest["runs"].append({**record, "run_dir": str(run_dir)})
+        print(f"  {record['seconds']:.0f}s", flush=True)
+    manifest["seconds"] = round(time.time() - began, 1)
+    manifest["load_average_end"] = list(os.getloadavg())
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    sys.path.insert(0, str(HERE))
+    from summarize import summarize
+    summarize(work, results, manifest)
+    return 0 if all(r["returncode"] == 0 for r in manifest["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Tables, JSON and a plot from the convergence runs' ``metrics.jsonl`` (eval records of the trainer).
+
+    python benchmarks/convergence/summarize.py runs/convergence-cpu benchmarks/convergence/results
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+METRICS = ("fd", "accuracy", "precision", "recall")
+MAIN_ARMS = ("vanilla", "sra", "repa")
+
+
+def read_run(run_dir: Path) -> dict:
+    evals, speeds = {}, []
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue        # a line cut by a kill
+            if record.get("kind") == "eval":
+                evals[round(record["kimg"], 3)] = {k: record[k] for k in METRICS if k in record}
+            elif record.get("kind") == "train" and record.get("img_per_s"):
+                speeds.append(record["img_per_s"])
+    fid = run_dir / "fid.json"
+    return {"evals": evals, "img_per_s_median": statistics.median(speeds) if speeds else None,
+            "fid": json.loads(fid.read_text()).get("fid") if fid.is_file() else None}
+
+
+def mean_std(values: list[float]) -> dict:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return {"n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}
+
+
+def first_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The first kimg at which a (kimg, FD) curve is <= target, linearly interpolated."""
+    previous = None
+    for kimg, fd in curve:
+        if fd <= target:
+            if previous is None or previous[1] == fd:
+                return kimg
+            k0, f0 = previous
+            return k0 + (kimg - k0) * (f0 - target) / (f0 - fd)
+        previous = (kimg, fd)
+    return None
+
+
+def summarize(work: Path, results: Path, manifest: dict | None = None) -> dict:
+    manifest = manifest or json.loads((work / "manifest.json").read_text())
+    runs = defaultdict(dict)      # arm -> seed -> run data
+    for record in manifest["runs"]:
+        runs[record["arm"]][record["seed"]] = {**read_run(Path(record["run_dir"])),
+                                               "returncode": record["returncode"]}
+    arms = {}
+    for arm, seeds in runs.items():
+        kimgs = sorted({k for r in seeds.values() for k in r["evals"]})
+        curve = {}
+        for k in kimgs:
+            curve[k] = {m: mean_std([r["evals"].get(k, {}).get(m) for r in seeds.values()]) for m in METRICS}
+        arms[arm] = {"seeds": sorted(seeds), "curve": curve,
+                     "img_per_s": mean_std([r["img_per_s_median"] for r in seeds.values()]),
+                     "inception_fid_final": mean_std([r["fid"] for r in seeds.values()]),
+                     "failed_seeds": [s for s, r in seeds.items() if r["returncode"] != 0]}
+    claim = {}
+    if "vanilla" in arms and arms["vanilla"]["curve"]:
+        last = max(arms["vanilla"]["curve"])
+        target = arms["vanilla"]["curve"][last]["fd"].get("mean")
+        claim = {"vanilla_final_kimg": last, "vanilla_final_fd": target, "arms": {}}
+        for arm, data in arms.items():
+            curve = [(k, v["fd"]["mean"]) for k, v in sorted(data["curve"].items()) if v["fd"].get("n")]
+            reach = first_reach(curve, target) if target is not None else None
+            paired = {}
+            for k in data["curve"]:
+                diffs = [runs[arm][s]["evals"].get(k, {}).get("fd") - runs["vanilla"][s]["evals"][k]["fd"]
+                         for s in runs[arm] if s in runs["vanilla"] and k in runs["vanilla"][s]["evals"]
+                         and runs[arm][s]["evals"].get(k, {}).get("fd") is not None]
+                paired[k] = mean_std(diffs)
+            claim["arms"][arm] = {"kimg_to_reach_vanilla_final_fd": reach,
+                                  "images_saved_factor": last / reach if reach else None,
+                                  "fd_minus_vanilla_same_seed": paired}
+    summary = {"budget": manifest.get("budget"), "command": manifest.get("command"),
+               "started": manifest.get("started"), "seconds": manifest.get("seconds"),
+               "load_average": [manifest.get("load_average_start"), manifest.get("load_average_end")],
+               "runs": [{k: r[k] for k in ("arm", "seed", "preset", "overrides", "returncode", "seconds")}
+                        for r in manifest["runs"]],
+               "arms": arms, "claim": claim}
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (results / "table.md").write_text(markdown(summary))
+    plot(summary, results / "fd_vs_kimg.png")
+    print((results / "table.md").read_text())
+    return summary
+
+
+def _ms(stat: dict, spec: str = ".2f") -> str:
+    if not stat.get("n"):
+        return "-"
+    return f"{stat['mean']:{spec}} ± {stat['std']:{spec}}" + (f" (n={stat['n']})" if stat["n"] < 3 else "")
+
+
+def markdown(s: dict) -> str:
+    arms = s["arms"]
+    kimgs = sorted({k for a in arms.values() for k in a["curve"]})
+    lines = [f"# Convergence on Fashion-MNIST ({s['budget']} budget)", "",
+             f"Command: `{s['command']}`  ", f"Started {s['started']}, {s['seconds']} s, load average "
+             f"start/end {s['load_average'][0]} / {s['load_average'][1]}.", "",
+             "In-domain FD (classifier features, lower is better), mean ± std over seeds, at each kimg:", "",
+             "| arm | " + " | ".join(f"{k:g} kimg" for k in kimgs) + " | img/s |",
+             "|---|" + "---|" * (len(kimgs) + 1)]
+    for arm, data in arms.items():
+        cells = [_ms(data["curve"][k]["fd"]) if k in data["curve"] else "-" for k in kimgs]
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {_ms(data['img_per_s'], '.0f')} |")
+    last = kimgs[-1] if kimgs else None
+    if last is not None:
+        lines += ["", f"At {last:g} kimg: accuracy / precision / recall", "",
+                  "| arm | accuracy | precision | recall | Inception FID |", "|---|---|---|---|---|"]
+        for arm, data in arms.items():
+            point = data["curve"].get(last, {})
+            lines.append(f"| {arm} | " + " | ".join(_ms(point.get(m, {}), ".3f") for m in METRICS[1:])
+                         + f" | {_ms(data['inception_fid_final'])} |")
+    claim = s["claim"]
+    if claim:
+        lines += ["", f"Claim: an arm reaches vanilla's final FD ({claim['vanilla_final_fd']:.2f} at "
+                      f"{claim['vanilla_final_kimg']:g} kimg) in fewer images.", "",
+                  "| arm | kimg to reach it (mean curve) | FD − vanilla, same seed, final |", "|---|---|---|"]
+        for arm, c in claim["arms"].items():
+            reach = c["kimg_to_reach_vanilla_final_fd"]
+            paired = c["fd_minus_vanilla_same_seed"].get(claim["vanilla_final_kimg"], {})
+            lines.append(f"| {arm} | {'not reached' if reach is None else f'{reach:.2f}'} | {_ms(paired)} |")
+    failed = [f"{r['arm']} seed {r['seed']}" for r in s["runs"] if r["returncode"] != 0]
+    if failed:
+        lines += ["", "Failed runs: " + ", ".join(failed)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(s: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, names, title in ((axes[0], [a for a in s["arms"] if a in MAIN_ARMS], "main arms"),
+                             (axes[1], [a for a in s["arms"] if a not in MAIN_ARMS or a in ("vanilla", "sra")],
+                              "SRA ablation")):
+        for arm in names:
+            points = [(k, v["fd"]) for k, v in sorted(s["arms"][arm]["curve"].items()) if v["fd"].get("n")]
+            if not points:
+                continue
+            k = [p[0] for p in points]
+            mean = [p[1]["mean"] for p in points]
+            std = [p[1]["std"] for p in points]
+            n = points[-1][1]["n"]
+            ax.plot(k, mean, marker="o", label=f"{arm} (n={n})")
+            ax.fill_between(k, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], alpha=0.2)
+        ax.set_title(title)
+        ax.set_xlabel("training images (kimg)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("in-domain FD (lower is better)")
+    fig.suptitle(f"Fashion-MNIST convergence ({s['budget']} budget), mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: summarize.py WORK_DIR RESULTS_DIR")
+    summarize(Path(sys.argv[1]), Path(sys.argv[2]))

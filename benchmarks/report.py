@@ -1,0 +1,75 @@
+"""Print the short table of a folder of benchmark JSON files (the last thing gpu/run.sh shows).
+
+    python benchmarks/report.py benchmarks/results/            # or any files / folders
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table  # noqa: E402
+
+
+def _f(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def train_step_lines(data: dict) -> None:
+    s, a, rows = data["settings"], data["analysis"], data["rows"]
+    env = data["environment"]
+    print(f"\n== train step {s['preset']}: {s['model']} batch {s['batch']} ({s['tokens']} tokens, "
+          f"{s['precision']}) on {env['device']}, torch {env['torch']}, load {env['load_average_start'][0]:.2f}; "
+          f"matmul {data['matmul_rate']['tflops_median']:.3g} TFLOP/s ({data['matmul_rate']['dtype']})")
+    table = []
+    for name, row in rows.items():
+        mfu = a["mfu"].get(name, {}).get("vs_measured_matmul")
+        toggle = a["toggles"].get(name)
+        table.append([name, _f(row.get("median_ms"), ".1f"), _f(row.get("images_per_s"), ".1f"),
+                      f"{toggle['speedup_vs_base']:.2f}x vs {toggle['base']}" if toggle else "",
+                      _f(row.get("peak_gib"), ".1f"), _f(mfu, ".1%"), row["status"][:50]])
+    print_table(table, ["row", "ms/step", "img/s", "speedup", "peak GiB", "MFU", "status"])
+    for line in a["lines"]:
+        print("  " + line)
+
+
+def sampling_lines(data: dict) -> None:
+    s, env = data["settings"], data["environment"]
+    print(f"\n== sampling {s['preset']}: {s['model']} batch {s['batch']} on {env['device']}")
+    print_table([[name, _f(r.get("images_per_s"), ".2f"), r.get("calls", "-"), r.get("guided_calls", "-"),
+                  r["status"]] for name, r in data["rows"].items()],
+                ["row", "img/s", "calls", "guided", "status"])
+
+
+def other_lines(path: Path, data: dict) -> None:
+    flat = {k: v for k, v in data.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    print(f"\n== {path.name}: " + ", ".join(f"{k}={v}" for k, v in list(flat.items())[:12]))
+
+
+def main(argv=None) -> int:
+    paths = []
+    for arg in (argv if argv is not None else sys.argv[1:]) or ["benchmarks/results"]:
+        p = Path(arg)
+        paths += sorted(p.glob("*.json")) if p.is_dir() else [p]
+    if not paths:
+        print("no benchmark JSON found")
+        return 1
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            print(f"\n== {path}: unreadable ({err})")
+            continue
+        kind = data.get("benchmark")
+        if kind == "train_step":
+            train_step_lines(data)
+        elif kind == "sampling":
+            sampling_lines(data)
+        else:
+            other_lines(path, data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
