@@ -13,15 +13,16 @@ from selfalign.ema import EMA
 from selfalign.evaluation.classifier import FashionClassifier
 from selfalign.models.backbone import DiffusionTransformer
 from selfalign.objectives import FlowObjective
-from selfalign.regularizers import (REGISTRY, SRA, Dispersive, DispersiveConfig, REPA, SRA2, SRA2Config,
-                                    SRAConfig, build_regularizer)
+from selfalign.regularizers import (SRA, Dispersive, DispersiveConfig, REPA, SRA2, SRA2Config, SRAConfig,
+                                    build_regularizer)
 from selfalign.training.step import TrainingStep
 from selfalign.training.trainer import train
 
 METHODS = ("repa", "dispersive", "sra2", "dts")
 FMNIST_PRESETS = sorted(p.stem for p in PRESET_DIR.glob("fmnist-cpu-tiny-*.yaml")
                         if p.stem.split("fmnist-cpu-tiny-")[1] in (*METHODS, "sra-dispersive"))
-IMAGENET_PRESETS = sorted(p.stem for p in PRESET_DIR.glob("sit-*-256-*.yaml") if p.stem.rsplit("-", 1)[1] in METHODS)
+IMAGENET_PRESETS = sorted(p.stem for p in PRESET_DIR.glob("sit-*-256-*.yaml")
+                          if p.stem.rsplit("-", 1)[1] in METHODS)
 
 
 @pytest.fixture(autouse=True)

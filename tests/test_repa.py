@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from selfalign.ema import EMA
 from selfalign.evaluation.classifier import FashionClassifier
 from selfalign.objectives import FlowObjective
 from selfalign.regularizers import REGISTRY, REPA, REPAConfig, StepContext
 from selfalign.regularizers import encoders
 from selfalign.regularizers.encoders import (DINOv2Encoder, FeatureMapEncoder, fashion_classifier_encoder,
-                                             load_dinov2, match_token_grid, preprocess, resample_abs_pos_embed)
+                                             load_dinov2, match_token_grid, preprocess,
+                                             resample_abs_pos_embed)
 from selfalign.training.step import TrainingStep
 
 
@@ -91,7 +91,8 @@ def test_encoder_is_frozen_outside_optimizer_and_checkpoint(tiny_model):
     assert not any("encoder" in key for key in step.state_dict())
     step.train()
     assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
-    total, terms = step(torch.rand(3, 1, 8, 8) * 2 - 1, torch.arange(3), generator=torch.Generator().manual_seed(0))
+    total, terms = step(torch.rand(3, 1, 8, 8) * 2 - 1, torch.arange(3),
+                        generator=torch.Generator().manual_seed(0))
     total.backward()
     assert all(p.grad is None for p in encoder.parameters())
     assert "repa" in terms and torch.isfinite(terms["repa"])
@@ -101,7 +102,8 @@ def test_gradients_reach_exactly_the_blocks_up_to_d_and_the_projector(tiny_model
     model = tiny_model(in_channels=1)
     reg = REPA(REPAConfig(layer=3, projector_dim=16), model, encoder=tiny_cnn_encoder())
     step = TrainingStep(model, FlowObjective(), {"repa": reg})
-    _, terms = step(torch.rand(4, 1, 8, 8) * 2 - 1, torch.arange(4), generator=torch.Generator().manual_seed(1))
+    _, terms = step(torch.rand(4, 1, 8, 8) * 2 - 1, torch.arange(4),
+                    generator=torch.Generator().manual_seed(1))
     terms["repa"].backward()
     upstream = ("x_embedder", "t_embedder", "y_embedder", "blocks.0.", "blocks.1.", "blocks.2.")
     for name, p in model.named_parameters():
@@ -210,8 +212,8 @@ def test_fashion_classifier_stand_in(tmp_path, tiny_model):
     classifier = FashionClassifier()
     save_file(classifier.state_dict(), str(tmp_path / "clf.safetensors"))
     model = tiny_model(input_size=32, in_channels=1)                      # 16x16 tokens
-    config = REPAConfig(layer=2, encoder="fmnist-classifier", encoder_weights=str(tmp_path / "clf.safetensors"),
-                        projector_dim=16)
+    config = REPAConfig(layer=2, encoder="fmnist-classifier", projector_dim=16,
+                        encoder_weights=str(tmp_path / "clf.safetensors"))
     reg = REGISTRY["repa"][1](config, model)
     assert reg.encoder.embed_dim == 128 and not reg.encoder.training
     images = torch.rand(2, 1, 32, 32) * 2 - 1
