@@ -224,7 +224,9 @@ class Trainer:
         Returns ``(ok, terms)``; ``ok`` is False when the step was skipped."""
         device, t = self.info.device, self.config.train
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if self.config.data.hflip:
+        if hasattr(self.dataset, "to_model"):   # cached latents: x0 = scale * (mean + std * eps) per step
+            x = self.dataset.to_model(x, self.generator)
+        elif self.config.data.hflip:            # (latent datasets serve stored mirror images instead)
             flip = torch.rand(x.shape[0], device=device, generator=self.generator) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         progress = Progress(images=self.step * self.global_batch, dataset_size=len(self.dataset))
