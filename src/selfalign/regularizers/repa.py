@@ -103,12 +103,12 @@ class REPA(Regularizer):
         return self.config.weight
 
     def raw_images(self, ctx: StepContext) -> torch.Tensor:
-        if ctx.images is not None:
-            return ctx.images
-        if ctx.x0.shape[1] not in (1, 3):
-            raise RuntimeError("REPA needs the raw images of latent data: serve them with the latents "
-                               "(ctx.images); only pixel-space x0 stands in for them")
-        return ctx.x0
+        """``ctx.images``, or ``x0`` for pixel data; latents are refused, not misread as images."""
+        images = ctx.images if ctx.images is not None else ctx.x0
+        if images.shape[1] not in (1, 3):
+            raise RuntimeError(f"REPA needs raw images (1 or 3 channels), got {images.shape[1]} channels: "
+                               "serve latent data with its images (the latent dataset's with_images)")
+        return images
 
     @torch.no_grad()
     def target(self, images: torch.Tensor, grid: tuple[int, int], autocast) -> torch.Tensor:
