@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import faults
+
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 PREFIX = "step-"
@@ -125,15 +127,19 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, tensors: dict[str, di
         for name in TENSOR_FILES:
             write_tensors(tensors.get(name, {}), tmp / f"{name}.safetensors")
             files[f"{name}.safetensors"] = (tmp / f"{name}.safetensors").stat().st_size
+            faults.point("ckpt_file")
         write_torch(optimizer_state, tmp / OPTIMIZER_FILE)
         files[OPTIMIZER_FILE] = (tmp / OPTIMIZER_FILE).stat().st_size
+        faults.point("ckpt_file")
         write_text(json.dumps({**state, "format": FORMAT_VERSION, "step": step, "files": files},
                               indent=1), tmp / STATE_FILE)
         fsync_path(tmp)
+        faults.point("ckpt_rename")
         if final.exists():   # a stale or broken directory of the same step (never a valid newer one)
-            shutil.rmtree(final)
+            remove_checkpoint(final)
         os.rename(tmp, final)
         fsync_path(root)
+        faults.point("ckpt_done")
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
@@ -148,11 +154,23 @@ def prune(run_dir: str | os.PathLike, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints, and leftover temp dirs."""
     root = checkpoints_dir(run_dir)
     for leftover in root.glob(f"{TMP_PREFIX}*"):
-        if not leftover.name.endswith(f"-{os.getpid()}"):
+        if leftover.name.startswith(f"{TMP_PREFIX}del-") or not leftover.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(leftover, ignore_errors=True)
     valid = [p for p in list_checkpoints(run_dir) if verify(p) is None]
     for old in valid[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_checkpoint(old)
+
+
+def remove_checkpoint(ckpt: Path) -> None:
+    """Rename to a temporary name first, then delete: a kill midway never leaves a half-deleted
+    directory under a checkpoint name (the next prune removes the leftover)."""
+    trash = ckpt.with_name(f"{TMP_PREFIX}del-{ckpt.name}-{os.getpid()}")
+    try:
+        os.rename(ckpt, trash)
+    except OSError:
+        return      # kept as it is; a caller that needs the name gone fails on it with a clear error
+    faults.point("ckpt_prune")
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 # -- finding and verifying --------------------------------------------------------------------

@@ -12,6 +12,8 @@ import math
 import os
 from pathlib import Path
 
+from . import faults
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -84,7 +86,10 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         record = {k: _clean(v) for k, v in record.items()}
-        self._file.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        faults.point("metrics_write", before_kill=lambda: (self._file.write(line[: len(line) // 2]),
+                                                           self._file.flush()))
+        self._file.write(line)
         self._file.flush()
         os.fsync(self._file.fileno())
         step, kind = record["step"], record.get("kind", "train")
