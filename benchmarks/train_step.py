@@ -10,7 +10,7 @@ foreach EMA, fused AdamW); ``sra_released`` (the released SiT-SRA code's recipe,
 teacher's full forward in fp32 outside autocast with TF32 allowed, the per-parameter EMA loop,
 torch's default AdamW); ``teacher_only`` (the EMA teacher's forward through blocks 1..n without
 gradients). The floor of an SRA step is vanilla + teacher_only. Toggles change one thing of a
-base row each (see ``TOGGLES``).
+base row each (see ``TOGGLES`` in train_step_rows.py).
 
     PYTHONPATH=src python benchmarks/train_step.py --preset cpu-tiny
     PYTHONPATH=src python benchmarks/train_step.py --preset gpu-xl2 --out $OUT
@@ -23,7 +23,6 @@ import dataclasses
 import gc
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, matmul_tflops, pick_device, print_table, summary, timed, write_json  # noqa: E402
 from train_step_report import analyse, table_rows  # noqa: E402
+from train_step_rows import (BASE_ROWS, BATCH_CANDIDATES, NOT_DONE, PRESETS, SRA_RELEASED, SRA_SELFALIGN,  # noqa: E402
+                             TOGGLES, VANILLA, Preset, Variant, select_variants)
 
 from selfalign.ema import EMA  # noqa: E402
 from selfalign.flops import training_step_flops  # noqa: E402
@@ -39,91 +40,6 @@ from selfalign.models.backbone import DiffusionTransformer  # noqa: E402
 from selfalign.objectives import FlowObjective  # noqa: E402
 from selfalign.regularizers.sra import SRA, SRAConfig, projection_head  # noqa: E402
 from selfalign.training.step import TrainingStep  # noqa: E402
-
-
-@dataclass(frozen=True)
-class Preset:
-    model: str
-    input_size: int
-    in_channels: int
-    num_classes: int
-    batch: int | str            # "auto": the largest candidate that fits (GPU)
-    precision: str              # "fp32" or "bf16" (autocast)
-    device: str
-    warmup: int
-    repeats: int
-    steps: int                  # timed steps per variant per round
-    toggles: str                # "all", "none" or a comma list
-
-
-PRESETS = {
-    # the CPU model: 256 wide, 8 deep, SRA 2 -> 6, batch 64, 256 tokens (~10 M parameters)
-    "cpu-mini": Preset("SiT-M/2", 32, 4, 10, 64, "fp32", "cpu", 1, 3, 1, "none"),
-    # a smaller one that runs the toggles in a few minutes: 128 wide, 6 deep, 2 -> 4, 64 tokens
-    "cpu-tiny": Preset("SiT-T/2", 16, 4, 10, 64, "fp32", "cpu", 2, 5, 2, "all"),
-    # the convergence benchmark's model: SiT-T/4 on Fashion-MNIST 1x32x32 (64 tokens), 2 -> 4
-    "cpu-fmnist": Preset("SiT-T/4", 32, 1, 10, 64, "fp32", "cpu", 2, 5, 2, "none"),
-    "gpu-b2": Preset("SiT-B/2", 32, 4, 1000, "auto", "bf16", "cuda", 3, 4, 3, "all"),
-    "gpu-xl2": Preset("SiT-XL/2", 32, 4, 1000, "auto", "bf16", "cuda", 3, 3, 3, "all"),
-    # the smallest thing that runs every code path, for checking the GPU script on a CPU
-    "dry": Preset("SiT-T/2", 8, 4, 10, 4, "fp32", "cpu", 1, 1, 1, "all"),
-}
-BATCH_CANDIDATES = (256, 192, 128, 96, 64, 48, 32, 16, 8)
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    kind: str = "sra"                   # "vanilla", "sra" or "teacher_only"
-    truncate: bool = True
-    teacher_precision: str = "autocast"
-    teacher_fraction: float = 1.0
-    ema_foreach: bool = True
-    adam: str = "trainer"               # "trainer" (fused on CUDA, else torch's choice), "fused",
-                                        # "foreach" or "default" (torch's choice, the released code)
-    compile: str = ""                   # "": eager; "student" (what train.compile does); "both"
-    grad_checkpointing: bool = False
-    sdpa: str | None = None             # None: PyTorch picks the attention kernel
-    base: str | None = None             # the row a toggle is compared with
-
-
-VANILLA = Variant("vanilla", kind="vanilla")
-SRA_SELFALIGN = Variant("sra")
-SRA_RELEASED = Variant("sra_released", truncate=False, teacher_precision="fp32", ema_foreach=False,
-                       adam="default")
-TEACHER_ONLY = Variant("teacher_only", kind="teacher_only")
-BASE_ROWS = (VANILLA, SRA_SELFALIGN, SRA_RELEASED, TEACHER_ONLY)
-
-
-def _toggle(base: Variant, name: str, **change) -> Variant:
-    return dataclasses.replace(base, name=name, base=base.name, **change)
-
-
-TOGGLES = {v.name: v for v in (
-    _toggle(SRA_SELFALIGN, "sra_sdpa_math", sdpa="math"),
-    _toggle(SRA_SELFALIGN, "sra_sdpa_flash", sdpa="flash"),
-    _toggle(SRA_SELFALIGN, "sra_sdpa_efficient", sdpa="efficient"),
-    _toggle(SRA_SELFALIGN, "sra_sdpa_cudnn", sdpa="cudnn"),
-    _toggle(SRA_SELFALIGN, "sra_adam_fused", adam="fused"),
-    _toggle(SRA_SELFALIGN, "sra_adam_foreach", adam="foreach"),
-    _toggle(SRA_SELFALIGN, "sra_ema_loop", ema_foreach=False),
-    _toggle(SRA_SELFALIGN, "sra_full_teacher", truncate=False),
-    _toggle(SRA_SELFALIGN, "sra_teacher_fp32", teacher_precision="fp32"),
-    _toggle(SRA_SELFALIGN, "sra_grad_checkpointing", grad_checkpointing=True),
-    _toggle(SRA_SELFALIGN, "sra_teacher_fraction_0.5", teacher_fraction=0.5),
-    _toggle(VANILLA, "vanilla_compile", compile="student"),
-    _toggle(SRA_SELFALIGN, "sra_compile", compile="both"),
-    _toggle(SRA_SELFALIGN, "sra_compile_student", compile="student"),
-    _toggle(TEACHER_ONLY, "teacher_only_compile", compile="both"),
-)}
-NOT_DONE = {
-    "teacher_fp8": "not done: an honest fp8 teacher needs scaled fp8 matmuls (torch._scaled_mm with "
-                   "per-tensor amax scaling, or torchao's Float8Linear) checked against the bf16 "
-                   "teacher's features on a Hopper card; no GPU was lent to the session that wrote "
-                   "this harness and torchao is not in the GPU image. Ceiling: see "
-                   "analysis.teacher_share_of_sra_flops (fp8 can at most halve that part's matmuls).",
-    "cached_vs_online_vae": "measured by benchmarks/gpu/vae_encode.py (a separate script).",
-}
 
 
 def sdpa_context(backend: str | None):
@@ -339,16 +255,6 @@ def measure(bench: Bench, variants: list[Variant], preset: Preset, deadline: flo
             row["model_tflops_per_step"] = bench.flops_per_step(v) / 1e12
             row["achieved_tflops"] = row["model_tflops_per_step"] / (row["median_ms"] / 1e3)
     return rows
-
-
-def select_variants(spec: str) -> list[Variant]:
-    if spec == "none":
-        return list(BASE_ROWS)
-    names = list(TOGGLES) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in TOGGLES]
-    if unknown:
-        raise SystemExit(f"unknown toggle(s) {unknown}: choose from {list(TOGGLES)}, 'all' or 'none'")
-    return list(BASE_ROWS) + [TOGGLES[n] for n in names]
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,100 @@
+"""What the training-step benchmark measures: presets, the rows (variants) and their toggles."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: str
+    input_size: int
+    in_channels: int
+    num_classes: int
+    batch: int | str            # "auto": the largest candidate that fits (GPU)
+    precision: str              # "fp32" or "bf16" (autocast)
+    device: str
+    warmup: int
+    repeats: int
+    steps: int                  # timed steps per variant per round
+    toggles: str                # "all", "none" or a comma list
+
+
+PRESETS = {
+    # the issue's CPU model: 256 wide, 8 deep, SRA 2 -> 6, batch 64, 256 tokens (~10 M parameters)
+    "cpu-mini": Preset("SiT-M/2", 32, 4, 10, 64, "fp32", "cpu", 1, 3, 1, "none"),
+    # a smaller one that runs the toggles in a few minutes: 128 wide, 6 deep, 2 -> 4, 64 tokens
+    "cpu-tiny": Preset("SiT-T/2", 16, 4, 10, 64, "fp32", "cpu", 2, 5, 2, "all"),
+    # the convergence benchmark's model: SiT-T/4 on Fashion-MNIST 1x32x32 (64 tokens), 2 -> 4
+    "cpu-fmnist": Preset("SiT-T/4", 32, 1, 10, 64, "fp32", "cpu", 2, 5, 2, "none"),
+    "gpu-b2": Preset("SiT-B/2", 32, 4, 1000, "auto", "bf16", "cuda", 3, 4, 3, "all"),
+    "gpu-xl2": Preset("SiT-XL/2", 32, 4, 1000, "auto", "bf16", "cuda", 3, 3, 3, "all"),
+    # the smallest thing that runs every code path, for checking the GPU script on a CPU
+    "dry": Preset("SiT-T/2", 8, 4, 10, 4, "fp32", "cpu", 1, 1, 1, "all"),
+}
+BATCH_CANDIDATES = (256, 192, 128, 96, 64, 48, 32, 16, 8)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str = "sra"                   # "vanilla", "sra" or "teacher_only"
+    truncate: bool = True
+    teacher_precision: str = "autocast"
+    teacher_fraction: float = 1.0
+    ema_foreach: bool = True
+    adam: str = "trainer"               # "trainer" (fused on CUDA, else torch's choice), "fused",
+                                        # "foreach" or "default" (torch's choice, the released code)
+    compile: str = ""                   # "": eager; "student" (what train.compile does); "both"
+    grad_checkpointing: bool = False
+    sdpa: str | None = None             # None: PyTorch picks the attention kernel
+    base: str | None = None             # the row a toggle is compared with
+
+
+VANILLA = Variant("vanilla", kind="vanilla")
+SRA_SELFALIGN = Variant("sra")
+SRA_RELEASED = Variant("sra_released", truncate=False, teacher_precision="fp32", ema_foreach=False,
+                       adam="default")
+TEACHER_ONLY = Variant("teacher_only", kind="teacher_only")
+BASE_ROWS = (VANILLA, SRA_SELFALIGN, SRA_RELEASED, TEACHER_ONLY)
+
+
+def _toggle(base: Variant, name: str, **change) -> Variant:
+    return dataclasses.replace(base, name=name, base=base.name, **change)
+
+
+TOGGLES = {v.name: v for v in (
+    _toggle(SRA_SELFALIGN, "sra_sdpa_math", sdpa="math"),
+    _toggle(SRA_SELFALIGN, "sra_sdpa_flash", sdpa="flash"),
+    _toggle(SRA_SELFALIGN, "sra_sdpa_efficient", sdpa="efficient"),
+    _toggle(SRA_SELFALIGN, "sra_sdpa_cudnn", sdpa="cudnn"),
+    _toggle(SRA_SELFALIGN, "sra_adam_fused", adam="fused"),
+    _toggle(SRA_SELFALIGN, "sra_adam_foreach", adam="foreach"),
+    _toggle(SRA_SELFALIGN, "sra_ema_loop", ema_foreach=False),
+    _toggle(SRA_SELFALIGN, "sra_full_teacher", truncate=False),
+    _toggle(SRA_SELFALIGN, "sra_teacher_fp32", teacher_precision="fp32"),
+    _toggle(SRA_SELFALIGN, "sra_grad_checkpointing", grad_checkpointing=True),
+    _toggle(SRA_SELFALIGN, "sra_teacher_fraction_0.5", teacher_fraction=0.5),
+    _toggle(VANILLA, "vanilla_compile", compile="student"),
+    _toggle(SRA_SELFALIGN, "sra_compile", compile="both"),
+    _toggle(SRA_SELFALIGN, "sra_compile_student", compile="student"),
+    _toggle(TEACHER_ONLY, "teacher_only_compile", compile="both"),
+)}
+NOT_DONE = {
+    "teacher_fp8": "not done: an honest fp8 teacher needs scaled fp8 matmuls (torch._scaled_mm with "
+                   "per-tensor amax scaling, or torchao's Float8Linear) checked against the bf16 "
+                   "teacher's features on a Hopper card; no GPU was lent to the session that wrote "
+                   "this harness and torchao is not in the GPU image. Ceiling: see "
+                   "analysis.teacher_share_of_sra_flops (fp8 can at most halve that part's matmuls).",
+    "cached_vs_online_vae": "measured by benchmarks/gpu/vae_encode.py (a separate script).",
+}
+
+
+def select_variants(spec: str) -> list[Variant]:
+    if spec == "none":
+        return list(BASE_ROWS)
+    names = list(TOGGLES) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in TOGGLES]
+    if unknown:
+        raise SystemExit(f"unknown toggle(s) {unknown}: choose from {list(TOGGLES)}, 'all' or 'none'")
+    return list(BASE_ROWS) + [TOGGLES[n] for n in names]
