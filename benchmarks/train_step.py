@@ -225,9 +225,12 @@ def measure(bench: Bench, variants: list[Variant], preset: Preset, deadline: flo
             active.append(v)
         except Exception as err:   # one toggle an old card or CPU lacks must not end the run
             rows[v.name]["status"] = "failed: " + error_line(err)
-            bench.cleanup()
+        if rows[v.name]["status"] != "ok":
+            bench.cleanup()        # outside the except: the traceback no longer pins tensors
     for r in range(preset.repeats):
         for v in (active if r % 2 == 0 else active[::-1]):
+            if rows[v.name]["status"] != "ok":
+                continue
             if time.monotonic() > deadline:
                 rows[v.name].setdefault("note", "time budget ran out: fewer rounds than asked")
                 continue
@@ -240,6 +243,7 @@ def measure(bench: Bench, variants: list[Variant], preset: Preset, deadline: flo
                     rows[v.name]["samples"].append(timed(lambda: bench.run(v), bench.device))
             except Exception as err:
                 rows[v.name]["status"] = "failed: " + error_line(err)
+            if rows[v.name]["status"] != "ok":
                 bench.cleanup()
                 continue
             if cuda:
