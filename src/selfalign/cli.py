@@ -16,6 +16,8 @@ COMMAND_MODULES = [
     "selfalign.commands.prepare",
     "selfalign.commands.convert",
     "selfalign.commands.train",
+    "selfalign.commands.sample",
+    "selfalign.commands.evaluate",
 ]
 
 
