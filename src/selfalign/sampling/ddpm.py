@@ -6,6 +6,7 @@ import torch
 from ..objectives.ddpm import DDPMObjective
 from .config import SamplerConfig
 from .guidance import GuidedModel
+from .noise import standard_normal
 
 
 def ddpm(guided: GuidedModel, objective: DDPMObjective, noise: torch.Tensor, config: SamplerConfig,
@@ -22,8 +23,7 @@ def ddpm(guided: GuidedModel, objective: DDPMObjective, noise: torch.Tensor, con
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         original = chain.model_steps(t)
         out = guided(x, original, int(original[0]) / objective.num_timesteps)
-        z = (torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
-             if draws_noise else torch.zeros_like(x))
+        z = standard_normal(x, generator) if draws_noise else torch.zeros_like(x)
         if config.name == "ddpm":
             x = chain.p_sample(out, x, t, z, config.clip_denoised)
         else:

@@ -10,6 +10,7 @@ import torch
 from ..objectives.flow import FlowObjective
 from .config import SamplerConfig
 from .guidance import GuidedModel
+from .noise import standard_normal
 
 
 def _velocity(guided: GuidedModel, x: torch.Tensor, t: float, position: float) -> torch.Tensor:
@@ -56,7 +57,7 @@ def sde(guided: GuidedModel, objective: FlowObjective, noise: torch.Tensor, conf
     for t_cur, t_next in zip(times[:-2], times[1:-1]):
         dt = t_next - t_cur
         d, w = drift(x, t_cur)
-        dw = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator) * abs(dt) ** 0.5
+        dw = standard_normal(x, generator) * abs(dt) ** 0.5
         x = x + d * dt + w ** 0.5 * dw
     d, _ = drift(x, times[-2])
     return x + (times[-1] - times[-2]) * d
