@@ -139,11 +139,19 @@ class GaussianDiffusion:
             "fixed_log_variance": np.log(fixed_large) if fixed_variance == "large" else post_log_var,
         }
         self.tables = {name: torch.from_numpy(value) for name, value in tables.items()}
+        self._placed: dict[tuple, torch.Tensor] = {}
 
     def _get(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Table ``name`` at integer steps ``t``, broadcast against ``like`` in its dtype."""
-        table = self.tables[name].to(t.device)
-        return expand_time(table[t.long()].to(like.dtype), like)
+        """Table ``name`` at integer steps ``t``, broadcast against ``like`` in its dtype.
+
+        Same values as ADM's float64 lookup then cast (casting commutes with indexing); each
+        table is moved to a device/dtype once (also where float64 is unsupported, e.g. MPS).
+        """
+        key = (name, t.device, like.dtype)
+        table = self._placed.get(key)
+        if table is None:
+            table = self._placed[key] = self.tables[name].to(like.dtype).to(t.device)
+        return expand_time(table[t.long()], like)
 
     def model_steps(self, t: torch.Tensor) -> torch.Tensor:
         """Original step indices the model sees for this chain's steps ``t``."""

@@ -20,9 +20,10 @@ def ddpm(guided: GuidedModel, objective: DDPMObjective, noise: torch.Tensor, con
     x = noise.to(torch.float32)
     draws_noise = config.name == "ddpm" or config.eta > 0
     for i in reversed(range(chain.num_timesteps)):
+        step = int(chain.timestep_map[i])     # a CPU table: no device sync per step
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        original = chain.model_steps(t)
-        out = guided(x, original, int(original[0]) / objective.num_timesteps)
+        original = torch.full_like(t, step)
+        out = guided(x, original, step / objective.num_timesteps)
         z = standard_normal(x, generator) if draws_noise else torch.zeros_like(x)
         if config.name == "ddpm":
             x = chain.p_sample(out, x, t, z, config.clip_denoised)

@@ -1,6 +1,7 @@
 """Samplers for flow objectives: Euler and Heun ODE, Euler-Maruyama SDE (REPA/SRA release).
 
-The state is kept in float64 as the released samplers do; the network sees the noise's dtype.
+The state is kept in float64 as the released samplers do (float32 on MPS, which has no float64);
+the network sees the noise's dtype.
 Velocity -> score goes through :class:`~selfalign.objectives.FlowObjective` (one place).
 """
 from __future__ import annotations
@@ -11,6 +12,10 @@ from ..objectives.flow import FlowObjective
 from .config import SamplerConfig
 from .guidance import GuidedModel
 from .noise import standard_normal
+
+
+def state_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _velocity(guided: GuidedModel, x: torch.Tensor, t: float, position: float) -> torch.Tensor:
@@ -27,7 +32,7 @@ def ode(guided: GuidedModel, noise: torch.Tensor, config: SamplerConfig) -> torc
     """
     heun = config.name == "heun"
     times = torch.linspace(1.0, 0.0, config.steps + 1, dtype=torch.float64).tolist()
-    x = noise.to(torch.float64)
+    x = noise.to(state_dtype(noise.device))
     for i, (t_cur, t_next) in enumerate(zip(times[:-1], times[1:])):
         d_cur = _velocity(guided, x, t_cur, t_cur)
         x_next = x + (t_next - t_cur) * d_cur
@@ -46,7 +51,7 @@ def sde(guided: GuidedModel, objective: FlowObjective, noise: torch.Tensor, conf
     without noise, from ``last_step`` to 0: ``steps`` network evaluations in all.
     """
     times = torch.linspace(1.0, config.last_step, config.steps, dtype=torch.float64).tolist() + [0.0]
-    x = noise.to(torch.float64)
+    x = noise.to(state_dtype(noise.device))
 
     def drift(x, t_cur):
         v = _velocity(guided, x, t_cur, t_cur)
