@@ -62,7 +62,7 @@ def run_loop(trainer):
         while trainer.step < trainer.total_steps:
             x, y = next(batches)
             if trainer.batch_hook is not None:
-                x, y = trainer.batch_hook(trainer.step, x, y)
+                x, y = trainer.batch_hook(trainer, trainer.step, x, y)   # tests: inject faults
             ok, terms = trainer.train_step(x, y)
             window.add(ok, terms)
             before, trainer.step = trainer.step * b, trainer.step + 1

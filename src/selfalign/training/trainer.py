@@ -31,6 +31,7 @@ from ..models.backbone import DiffusionTransformer
 from ..objectives import build_objective
 from ..regularizers import Progress, build_regularizer
 from . import checkpoint as ckpt_io
+from . import faults
 from . import distributed as dist_util
 from . import rng
 from .metrics import MetricsLog
@@ -198,10 +199,11 @@ class Trainer:
                                                                keep_last=self.config.train.keep_last)
             except ckpt_io.CheckpointWriteError as err:
                 error = str(err)
-        error = dist_util.broadcast_object(self.info, error)
+        error, written = dist_util.broadcast_object(self.info, (error, self.last_checkpoint))
         if error:
             raise TrainingStopped(error)
-        return self.last_checkpoint
+        self.last_checkpoint = written
+        return written
 
     # -- one optimizer step ------------------------------------------------------------------
     def _autocast(self):
@@ -247,6 +249,7 @@ class Trainer:
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             for name, value in {"loss": total, **parts}.items():
                 terms[name] = terms.get(name, 0.0) + value.detach().float() * share
+        faults.point("step")    # tests: a kill between the backward pass and the optimizer step
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self._grad_norm()
