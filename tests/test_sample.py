@@ -102,3 +102,22 @@ def test_noise_of_a_sample_depends_only_on_seed_and_index():
     full = sample_noise((1, 4, 4), 7, range(6))
     assert torch.equal(sample_noise((1, 4, 4), 7, [3, 4]), full[3:5])
     assert not torch.equal(sample_noise((1, 4, 4), 8, [3]), full[3:4])
+
+
+def test_latent_samples_are_decoded_with_the_vae():
+    import os
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from diffusers import AutoencoderKL
+
+    from selfalign.models import build_model
+    from selfalign.objectives import build_objective
+    from selfalign.pipeline.vae import LatentVAE, tiny_vae_config
+    from selfalign.sampling import SamplerConfig
+
+    torch.manual_seed(0)
+    vae = LatentVAE(AutoencoderKL(**tiny_vae_config(downsample=2)).eval())
+    model = build_model("SiT-T/4", input_size=8, in_channels=4, num_classes=10).eval()
+    draw = make_draw(model, build_objective(), SamplerConfig(name="euler", steps=2), "cpu",
+                     decode=lambda x: vae.decode_uint8(x).numpy())
+    images = draw(sample_noise((4, 8, 8), 0, range(3)), np.array([0, 1, 2]), 0)
+    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8

@@ -101,11 +101,12 @@ def run_ref(args) -> int:
         raise ValueError(f"--pr-count must be >= 0, got {args.pr_count}")
     network = InceptionV3(args.inception, _device(args.device))
     acts = inception_activations(network, source, args.batch_size, args.limit, not args.no_progress)
-    images = None if args.no_images else source.read_all(min(args.pr_count, len(acts.pool)))
+    keep = min(args.pr_count, len(acts.pool))
+    images = None if args.no_images or keep == 0 else source.read_all(keep)
     if images is not None and images.shape[-1] == 1:
         images = images.repeat(3, axis=-1)       # ADM's layout: N x H x W x 3
     save_reference_batch(args.out, acts.pool, acts.spatial, images, args.pr_count)
-    print(f"wrote {args.out}: statistics of {len(acts.pool)} images, {min(args.pr_count, len(acts.pool))} kept "
+    print(f"wrote {args.out}: statistics of {len(acts.pool)} images, {keep} kept "
           f"for precision/recall" + ("" if acts.spatial is not None else " (no sFID statistics: network "
                                      "has no mixed_6/conv)"))
     return 0

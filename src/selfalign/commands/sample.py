@@ -114,16 +114,17 @@ def run(args) -> int:
     print(f"rank {rank}: {counts['made']} shards sampled ({counts['images']} images), "
           f"{counts['skipped']} finished shards kept")
     distributed.barrier(info)
-    if info.distributed and not info.is_main:
-        distributed.shutdown(info)
+    try:
+        if not info.is_main:
+            return 0
+        if missing_shards(plan, out, bb.num_classes):
+            print(f"other shares are still missing: when every --rank has finished, run the command again "
+                  f"(any rank) to write {out / 'samples.npz'}")
+            return 0
+        path = merge_shards(plan, out, bb.num_classes)
+        print(f"wrote {path} ({plan.num_samples} images)")
+        if args.png:
+            print(f"wrote {write_pngs(path, out / 'png')} PNGs to {out / 'png'}")
         return 0
-    if missing_shards(plan, out, bb.num_classes):
-        print(f"other shares are still missing: when every --rank has finished, run the command again "
-              f"(any rank) to write {out / 'samples.npz'}")
-        return 0
-    path = merge_shards(plan, out, bb.num_classes)
-    print(f"wrote {path} ({plan.num_samples} images)")
-    if args.png:
-        print(f"wrote {write_pngs(path, out / 'png')} PNGs to {out / 'png'}")
-    distributed.shutdown(info)
-    return 0
+    finally:
+        distributed.shutdown(info)      # every rank meets here, also when rank 0 returns early

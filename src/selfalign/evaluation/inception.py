@@ -23,6 +23,7 @@ returns them (for the Inception Score).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ def default_weights_path() -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=16)
 def _legacy_bilinear_matrix(in_size: int, out_size: int) -> torch.Tensor:
     """``(out, in)`` interpolation matrix of TF1 legacy bilinear resize along one axis."""
     src = np.arange(out_size, dtype=np.float64) * (in_size / out_size)
