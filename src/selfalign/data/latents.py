@@ -62,6 +62,7 @@ class LatentDataset(torch.utils.data.Dataset):
         self.offsets = np.cumsum([0] + [s["count"] for s in self.shards])
         self.labels = torch.tensor([l for s in self.shards for l in s["labels"]], dtype=torch.long)
         self.count = int(self.offsets[-1])
+        self._check_labels()
         for entry in self.shards:          # sizes are cheap and catch truncation early
             path = self.root / entry["file"]
             if not path.is_file() or path.stat().st_size != entry["bytes"]:
@@ -129,7 +130,32 @@ class LatentDataset(torch.utils.data.Dataset):
                                      f"`selfalign prepare` to rebuild it") from None
             else:
                 self._handles[shard] = fmt.read_shard(path, "npy", self.index["flipped"])
+            self._check_shapes(shard, self._handles[shard])
         return self._handles[shard]
+
+    def _check_labels(self) -> None:
+        """A label outside ``0..num_classes-1`` is named with its shard and index, not found by the
+        label embedding in the middle of training."""
+        bad = ((self.labels < 0) | (self.labels >= self.num_classes)).nonzero().flatten()
+        if len(bad):
+            index = int(bad[0])
+            shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
+            raise ValueError(f"latent shard {str(self.root / self.shards[shard]['file'])!r}: label "
+                             f"{int(self.labels[index])} at index {index} is outside 0..{self.num_classes - 1} "
+                             f"(num_classes in index.json); rerun `selfalign prepare` to rebuild the dataset")
+
+    def _check_shapes(self, shard: int, handle) -> None:
+        """Every array of a shard is ``(count, *latent_shape)``; a misfit is named here, not in a batch."""
+        entry = self.shards[shard]
+        expected = (entry["count"], *self.latent_shape)
+        for key in fmt.ARRAY_KEYS if self.index["flipped"] else fmt.ARRAY_KEYS[:2]:
+            try:
+                shape = tuple(handle[key].shape if isinstance(handle, dict) else handle.get_slice(key).get_shape())
+            except Exception:
+                shape = "missing"
+            if shape != expected:
+                raise ValueError(f"latent shard {str(self.root / entry['file'])!r}: {key} has shape {shape}, "
+                                 f"index.json says {expected}; rerun `selfalign prepare` to rebuild it")
 
     def _row(self, shard: int, row: int, key: str) -> torch.Tensor:
         handle = self._handle(shard)

@@ -79,4 +79,28 @@ def step_batches(dataset, order: DataOrder, global_batch: int, rank: int, world_
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_batched,
                                          num_workers=num_workers, pin_memory=pin_memory,
                                          persistent_workers=True, prefetch_factor=2)
-    return iter(loader)
+    return _worker_errors_as_raised(iter(loader))
+
+
+def _worker_errors_as_raised(batches):
+    """A dataset error in a DataLoader worker arrives as "Caught ValueError in DataLoader worker
+    process 0. Original Traceback ..."; re-raise it with the dataset's own one-line message (which
+    names the file and index), as without workers."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as err:
+            lines = str(err).strip().splitlines()
+            if len(lines) < 2 or not (lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]):
+                raise
+            head, sep, message = lines[-1].partition(": ")
+            if not (sep and head.rsplit(".", 1)[-1] == type(err).__name__):
+                raise
+            try:
+                clean = type(err)(message)
+            except Exception:
+                raise err from None
+            raise clean from None
+        yield batch
