@@ -100,6 +100,7 @@ ROWS = [
                                       "{files}/checkpoints/step-000000009"], "not a complete checkpoint", {}),
     ("resume-a-file", ["train", "{files}/tiny.yaml", "--run-dir", "{run}", "--resume", "{files}/tiny.yaml"],
      "holds no complete checkpoint", {}),
+    ("run-dir-is-a-file", ["train", "{files}/tiny.yaml", "--run-dir", "{files}/list.yaml"], "is a file", {}),
     ("existing-run-without-resume", ["train", "{files}/tiny.yaml", "--run-dir", "{trained}"],
      "pass --resume auto to continue it", {}),
     # other commands with missing or bad paths

@@ -34,6 +34,8 @@ def run(args) -> int:
     config = load_config(args.config, args.overrides, world_size=world_size_from_env())
     name = config.name or Path(resolve_config_path(args.config)).stem
     run_dir = Path(args.run_dir or Path("runs") / name)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir} is a file; give a directory (a new one, or a run to resume)")
 
     from ..training.trainer import TrainingStopped, train
     try:

@@ -89,9 +89,14 @@ class MetricsLog:
         line = json.dumps(record) + "\n"
         faults.point("metrics_write", before_kill=lambda: (self._file.write(line[: len(line) // 2]),
                                                            self._file.flush()))
-        self._file.write(line)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.write(line)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as err:      # e.g. a full disk: one line, not a traceback from deep in the loop
+            from .trainer import TrainingStopped
+            raise TrainingStopped(f"could not write {self.path} ({err.strerror or err}); the checkpoints "
+                                  f"are not affected: make room and continue with --resume auto") from None
         step, kind = record["step"], record.get("kind", "train")
         numbers = {k: v for k, v in record.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "kind")}
