@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "selfalign.commands.prepare",
     "selfalign.commands.convert",
     "selfalign.commands.train",
+    "selfalign.commands.demo",
     "selfalign.commands.sample",
     "selfalign.commands.evaluate",
 ]

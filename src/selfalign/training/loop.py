@@ -32,10 +32,17 @@ def _evaluate(trainer):
         from ..evaluation.training_eval import evaluate
     except ImportError:
         return None
+    if getattr(trainer, "_eval_disabled", False):
+        return None
     cfg = trainer.config
     gen = torch.Generator(device=trainer.info.device).manual_seed(cfg.train.seed + 0xE7A1)
-    return evaluate(trainer.ema.model, trainer.objective, cfg, cfg.train.eval_samples, gen,
-                    trainer.info.device)
+    try:
+        return evaluate(trainer.ema.model, trainer.objective, cfg, cfg.train.eval_samples, gen,
+                        trainer.info.device)
+    except (ValueError, FileNotFoundError) as err:   # e.g. missing classifier weights: keep training
+        trainer._eval_disabled = True
+        trainer.log(f"warning: evaluation disabled for this run: {err}")
+        return None
 
 
 def run_loop(trainer):

@@ -1,0 +1,199 @@
+"""``selfalign demo``: vanilla SiT against SiT + SRA on Fashion-MNIST, on a laptop CPU, with a report.
+
+Every run in :data:`RUNS` trains the same model with the same seed, data order and budget; only
+the regularizers differ (they come from the run's preset). A new comparison row (REPA, ...) is
+one more :class:`DemoRun`. After training each run is scored on the test split (held-out
+denoising loss at fixed times and noise, the in-domain metrics of
+:mod:`selfalign.evaluation.training_eval` recorded during training, a class-conditional sample
+grid) and ``report.md`` is written with tables and plots.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    key: str        # directory and table id
+    label: str      # how the report names it
+    preset: str     # config preset holding this run's regularizers
+
+
+RUNS = [
+    DemoRun("vanilla", "SiT (vanilla)", "fmnist-cpu-tiny-vanilla"),
+    DemoRun("sra", "SiT + SRA", "fmnist-cpu-tiny-sra"),
+]
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    model: str
+    batch: int
+    steps: int
+    evals: int           # in-domain evaluations during training (the last one at the end)
+    eval_samples: int
+    heldout: int         # test images for the held-out denoising loss
+    grid_steps: int      # Euler steps of the final sample grids
+    fid_samples: int     # Inception FID samples per run (0: skipped)
+
+
+PLANS = {
+    "smoke": Plan("smoke", "SiT-T/8", 16, 6, 1, 20, 100, 2, 0),
+    "quick": Plan("quick", "SiT-T/4", 32, 250, 2, 200, 500, 16, 0),
+    "default": Plan("default", "SiT-T/4", 64, 1200, 3, 300, 1000, 32, 0),
+    "longer": Plan("longer", "SiT-T/4", 64, 4000, 5, 1000, 5000, 32, 1000),
+}
+GRID_COUNT = 40      # 4 rows of the 10 classes
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="train vanilla SiT and SiT + SRA on Fashion-MNIST and compare them",
+                       description="The built-in comparison: same model, seed, data order and budget; "
+                                   "writes OUT/report.md. Default ~20 min on a 2-core CPU.")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="about 3 minutes on a 2-core CPU")
+    size.add_argument("--smoke", action="store_true", help="under a minute: checks that everything runs")
+    size.add_argument("--longer", action="store_true", help="about an hour on a 2-core CPU, with Inception FID")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.set_defaults(func=run)
+
+
+def plan_from_args(args) -> Plan:
+    return PLANS["smoke" if args.smoke else "quick" if args.quick else "longer" if args.longer else "default"]
+
+
+def run_configs(plan: Plan, device: str, progress_bar: bool):
+    """One config per run: identical overrides, only the preset's regularizers differ."""
+    from ..config import load_config
+    kimg_per_step = plan.batch / 1000
+    eval_every = max(1, plan.steps // plan.evals) * kimg_per_step
+    overrides = [f"model.preset={plan.model}", f"train.batch_size={plan.batch}",
+                 f"train.total_kimg={plan.steps * kimg_per_step}",
+                 f"train.log_every_kimg={max(1, plan.steps // 40) * kimg_per_step}",
+                 f"train.ckpt_every_kimg={eval_every}", f"train.keep_last={plan.evals + 1}",
+                 f"train.eval_every_kimg={eval_every}", f"train.eval_samples={plan.eval_samples}",
+                 "train.sample_every_kimg=0", f"train.device={device}", "train.seed=0",
+                 "logging.tensorboard=false", f"logging.progress_bar={str(progress_bar).lower()}"]
+    return [(run, load_config(run.preset, overrides)) for run in RUNS]
+
+
+def calibrate(config, device) -> float:
+    """Seconds per optimizer step of ``config`` (2 timed steps after a warm-up), in a scratch dir."""
+    import tempfile
+
+    from ..training.distributed import DistInfo
+    from ..training.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = Trainer(config, scratch, DistInfo(device=device), log=lambda _m: None)
+        batches = trainer.batches()
+        trainer.train_step(*next(batches))
+        began = time.perf_counter()
+        for _ in range(2):
+            trainer.train_step(*next(batches))
+        return (time.perf_counter() - began) / 2
+
+
+def estimate_seconds(plan: Plan, step_seconds: list[float]) -> float:
+    """Training from the measured steps; sampling and scoring from the cost of one forward
+    (a training step is about three forwards of the batch)."""
+    forward = min(step_seconds) / (3 * plan.batch)
+    per_run_eval = (plan.evals * plan.eval_samples * 32 + GRID_COUNT * plan.grid_steps
+                    + (plan.evals + 1) * plan.heldout * 5 + plan.fid_samples * 32) * forward
+    return sum(s * plan.steps for s in step_seconds) + len(step_seconds) * per_run_eval
+
+
+def run(args) -> int:
+    import torch
+
+    from ..training.distributed import pick_device
+
+    began = time.time()
+    plan = plan_from_args(args)
+    device = pick_device(args.device)
+    out = Path(args.out)
+    configs = run_configs(plan, str(device), progress_bar=sys.stderr.isatty())
+    torch.manual_seed(0)
+    print(f"selfalign demo ({plan.name}): {' vs '.join(r.label for r, _ in configs)} on Fashion-MNIST, {device}")
+    print(f"  model {plan.model}, global batch {plan.batch}, {plan.steps} steps = {plan.steps * plan.batch / 1000:g} "
+          f"kimg per run, same seed and data order; {plan.evals} in-domain evaluations of {plan.eval_samples} "
+          f"samples, held-out loss on {plan.heldout} test images"
+          + (f", Inception FID on {plan.fid_samples} samples" if plan.fid_samples else ""))
+    step_seconds = [calibrate(config, device) for _, config in configs]
+    eta = estimate_seconds(plan, step_seconds)
+    print("  measured " + ", ".join(f"{r.key} {s:.2f} s/step" for (r, _), s in zip(configs, step_seconds))
+          + f"; estimated total {eta / 60:.1f} min (ETA {time.strftime('%H:%M', time.localtime(time.time() + eta))})",
+          flush=True)
+
+    from ..training.trainer import train
+    results = []
+    for demo_run, config in configs:
+        run_dir = out / "runs" / f"{plan.name}-{demo_run.key}"
+        print(f"[{demo_run.key}] training into {run_dir}", flush=True)
+        t0 = time.time()
+        train(config, run_dir, resume="auto", log=lambda m: print(f"  {m}", flush=True))
+        train_seconds = time.time() - t0
+        print(f"[{demo_run.key}] scoring", flush=True)
+        results.append(score_run(demo_run, run_dir, plan, device, out, train_seconds))
+
+    from ..training.demo_report import write_report
+    report = write_report(out, plan, results, wall_seconds=time.time() - began, estimate=eta)
+    print(f"report: {report} ({(time.time() - began) / 60:.1f} min)")
+    return 0
+
+
+def score_run(demo_run: DemoRun, run_dir: Path, plan: Plan, device, out: Path, train_seconds: float) -> dict:
+    """Held-out loss of every kept checkpoint, the final grid, optional FID, and the training log."""
+    from ..data import FashionMNIST
+    from ..training.checkpoint import list_checkpoints, load_for_inference, verify
+    from ..training.heldout import heldout_losses
+    from ..training.metrics import read_metrics
+    from ..training.samples import sample_grid
+
+    test = FashionMNIST("test")
+    images, labels = test.__getitems__(list(range(plan.heldout)))
+    curve, final = [], None
+    for ckpt in list_checkpoints(run_dir):
+        if verify(ckpt) is not None:
+            continue
+        model, objective, config = load_for_inference(ckpt, device=device)
+        losses = heldout_losses(model, objective, images, labels, seed=1234, device=device)
+        step = int(ckpt.name.split("-")[1])
+        curve.append({"kimg": step * plan.batch / 1000, "heldout": float(losses.mean())})
+        final = (model, objective, config, losses)
+    model, objective, config, losses = final
+    from ..sampling import SamplerConfig
+    config.sampler = SamplerConfig(name="euler", steps=plan.grid_steps)
+    grid = sample_grid(model, objective, config, out / f"samples-{demo_run.key}.png", count=GRID_COUNT,
+                       device=device)
+    records = read_metrics(run_dir)
+    result = {"run": demo_run, "run_dir": run_dir, "heldout_losses": losses, "heldout_curve": curve,
+              "grid": grid, "train": [r for r in records if r.get("kind") == "train"],
+              "eval": [r for r in records if r.get("kind") == "eval"], "train_seconds": train_seconds}
+    if plan.fid_samples:
+        result["fid"] = inception_fid(model, objective, plan.fid_samples, device)
+    return result
+
+
+def inception_fid(model, objective, count: int, device) -> float:
+    """TF-FID Inception FID of ``count`` class-balanced samples against as many test images."""
+    import torch
+
+    from ..data.transforms import model_to_uint8
+    from ..evaluation.images import ArraySource, FashionMNISTSource
+    from ..evaluation.inception import InceptionV3
+    from ..evaluation.metrics import evaluate_source, reference_from_source
+    from ..evaluation.training_eval import draw_samples
+
+    network = InceptionV3(device=device)
+    reference, _ = reference_from_source(network, FashionMNISTSource("test", resolution=32), limit=count,
+                                         progress=False)
+    samples, _ = draw_samples(model, objective, count, torch.Generator(device=device).manual_seed(77), device)
+    images = model_to_uint8(samples).permute(0, 2, 3, 1).numpy()
+    return evaluate_source(ArraySource(images, "samples"), reference, network, progress=False,
+                           log=lambda _m: None)["fid"]
