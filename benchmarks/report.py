@@ -21,7 +21,7 @@ def train_step_lines(data: dict) -> None:
     env = data["environment"]
     print(f"\n== train step {s['preset']}: {s['model']} batch {s['batch']} ({s['tokens']} tokens, "
           f"{s['precision']}) on {env['device']}, torch {env['torch']}, load {env['load_average_start'][0]:.2f}; "
-          f"matmul {data['matmul_rate']['tflops_median']:.3g} TFLOP/s ({data['matmul_rate']['dtype']})")
+          f"matmul {data['matmul_rate']['tflops_best']:.3g} TFLOP/s (best) ({data['matmul_rate']['dtype']})")
     table = []
     for name, row in rows.items():
         mfu = a["mfu"].get(name, {}).get("vs_measured_matmul")

@@ -13,6 +13,7 @@ interrupted one continues from its newest checkpoint (``--resume auto``). Then
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -34,6 +35,7 @@ class Budget:
     seeds: int
     ablation_seeds: int
     fid_samples: int         # Inception FID at the final checkpoint (0: skipped)
+    threads: int | None      # torch/OpenMP threads per run (None: torch's default)
     extra: tuple = ()        # --set overrides for every run
 
 
@@ -43,14 +45,16 @@ GPU_PRESETS = {"vanilla": "fmnist-gpu-small-vanilla", "sra": "fmnist-gpu-small-s
                "repa": "fmnist-gpu-small-repa"}
 BUDGETS = {
     # 2-core CPU: SiT-T/4 (64 tokens), batch 64; sized for about 60-90 minutes on a quiet machine
+    # One thread per run: on a shared 2-core machine two OpenMP threads wait on each other's
+    # time slices and run several times slower; on a quiet machine --threads 2 is faster.
     "cpu": Budget(CPU_PRESETS, kimg=12.8, eval_every_kimg=3.2, eval_samples=400, seeds=3,
-                  ablation_seeds=1, fid_samples=0),
+                  ablation_seeds=1, fid_samples=0, threads=1),
     # one GPU: SiT-S/2 (256 tokens), batch 256
     "gpu": Budget(GPU_PRESETS, kimg=1000.0, eval_every_kimg=100.0, eval_samples=5000, seeds=3,
-                  ablation_seeds=2, fid_samples=5000),
+                  ablation_seeds=2, fid_samples=5000, threads=None),
     # every arm for a few steps: checks the wiring, numbers meaningless
     "smoke": Budget(CPU_PRESETS, kimg=0.256, eval_every_kimg=0.128, eval_samples=24, seeds=1,
-                    ablation_seeds=1, fid_samples=0, extra=("train.log_every_kimg=0.064",)),
+                    ablation_seeds=1, fid_samples=0, threads=1, extra=("train.log_every_kimg=0.064",)),
 }
 
 
@@ -149,7 +153,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="comma list of arms (default: all)")
     parser.add_argument("--no-ablation", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every run")
-    parser.add_argument("--threads", type=int, default=None, help="OMP/torch threads of each run")
+    parser.add_argument("--threads", type=int, default=None, help="OMP/torch threads of each run "
+                        "(default: the budget's; cpu: 1)")
     parser.add_argument("--work-dir", default=None, help="where runs go (default runs/convergence-<budget>)")
     parser.add_argument("--results", default=None, help="where the table/JSON/plot go "
                         "(default benchmarks/convergence/results[-<budget>] )")
@@ -165,8 +170,9 @@ def main(argv=None) -> int:
             print(run["arm"], run["seed"], run["preset"], " ".join(run["overrides"]))
         return 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    threads = args.threads or budget.threads
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     fid_samples = budget.fid_samples if args.fid_samples is None else args.fid_samples
     from selfalign.evaluation.classifier import ASSET
     if not ASSET.is_file():   # the in-domain judge (and REPA's stand-in encoder): every run needs it
@@ -174,9 +180,10 @@ def main(argv=None) -> int:
               f"`python scripts/train_classifier.py --out {ASSET}` first", file=sys.stderr)
         return 2
     work.mkdir(parents=True, exist_ok=True)
+    judge = hashlib.sha256(ASSET.read_bytes()).hexdigest()[:16]
     manifest = {"budget": args.budget, "command": " ".join([sys.executable] + sys.argv),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_average_start": list(os.getloadavg()),
-                "runs": []}
+                "threads": threads, "classifier_sha256": judge, "runs": []}
     began = time.time()
     for i, run in enumerate(runs):
         run_dir = work / f"{run['arm']}-s{run['seed']}"
@@ -193,6 +200,10 @@ def main(argv=None) -> int:
         manifest["runs"].append({**record, "run_dir": str(run_dir)})
         print(f"  {record['seconds']:.0f}s", flush=True)
     manifest["seconds"] = round(time.time() - began, 1)
+    if hashlib.sha256(ASSET.read_bytes()).hexdigest()[:16] != judge:
+        # the FD judge changed under the runs: their numbers are not comparable
+        manifest["warning"] = f"{ASSET.name} changed during the benchmark; rerun it"
+        print("WARNING: " + manifest["warning"], file=sys.stderr)
     manifest["load_average_end"] = list(os.getloadavg())
     (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     sys.path.insert(0, str(HERE))

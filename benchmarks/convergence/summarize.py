@@ -90,6 +90,8 @@ def summarize(work: Path, results: Path, manifest: dict | None = None) -> dict:
     summary = {"budget": manifest.get("budget"), "command": manifest.get("command"),
                "started": manifest.get("started"), "seconds": manifest.get("seconds"),
                "load_average": [manifest.get("load_average_start"), manifest.get("load_average_end")],
+               "threads": manifest.get("threads"), "classifier_sha256": manifest.get("classifier_sha256"),
+               "warning": manifest.get("warning"),
                "runs": [{k: r[k] for k in ("arm", "seed", "preset", "overrides", "returncode", "seconds")}
                         for r in manifest["runs"]],
                "arms": arms, "claim": claim}
@@ -112,7 +114,9 @@ def markdown(s: dict) -> str:
     kimgs = sorted({k for a in arms.values() for k in a["curve"]})
     lines = [f"# Convergence on Fashion-MNIST ({s['budget']} budget)", "",
              f"Command: `{s['command']}`  ", f"Started {s['started']}, {s['seconds']} s, load average "
-             f"start/end {s['load_average'][0]} / {s['load_average'][1]}.", "",
+             f"start/end {s['load_average'][0]} / {s['load_average'][1]}; {s['threads']} thread(s) per run; "
+             f"FD judge: the committed classifier, sha256 {s['classifier_sha256']}.", "",
+             *([f"**{s['warning']}**", ""] if s.get("warning") else []),
              "In-domain FD (classifier features, lower is better), mean ± std over seeds, at each kimg:", "",
              "| arm | " + " | ".join(f"{k:g} kimg" for k in kimgs) + " | img/s |",
              "|---|" + "---|" * (len(kimgs) + 1)]
