@@ -14,7 +14,10 @@ def test_demo_runs_differ_only_in_their_regularizers():
         d.pop("regularizers")
         d.pop("name")
     assert all(d == dicts[0] for d in dicts)
-    assert [set(config.regularizers) for _, config in configs] == [set(), {"sra"}]
+    from selfalign.config import load_config
+    assert set(configs[0][1].regularizers) == set() and "sra" in configs[1][1].regularizers
+    for run, config in configs:       # each run's regularizers are exactly its preset's
+        assert config.regularizers == load_config(run.preset).regularizers
     assert dicts[0]["train"]["total_kimg"] == PLANS["default"].steps * PLANS["default"].batch / 1000
 
 

@@ -164,3 +164,16 @@ def test_nan_parameter_stops_after_consecutive_bad_steps_and_keeps_checkpoints_f
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000003"]
     _, tensors = final_tensors(tmp_path)
     assert all(torch.isfinite(v).all() for v in tensors["model"].values())
+
+
+def test_fp16_loss_scaling_and_tensorboard(tmp_path):
+    config = tiny(2, precision="fp16")
+    config["logging"]["tensorboard"] = True
+    train(load_config(config), tmp_path, log=quiet)
+    config["train"]["total_kimg"] = 3 * BATCH / 1000
+    train(load_config(config), tmp_path, resume="auto", log=quiet)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss_scale"] > 1 for r in records)
+    scaler = torch.load(latest_checkpoint(tmp_path) / "optimizer.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] == records[-1]["loss_scale"]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

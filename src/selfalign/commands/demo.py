@@ -25,6 +25,7 @@ class DemoRun:
 RUNS = [
     DemoRun("vanilla", "SiT (vanilla)", "fmnist-cpu-tiny-vanilla"),
     DemoRun("sra", "SiT + SRA", "fmnist-cpu-tiny-sra"),
+    DemoRun("repa", "SiT + REPA (Fashion-MNIST classifier as encoder)", "fmnist-cpu-tiny-repa"),
 ]
 
 
@@ -43,9 +44,9 @@ class Plan:
 
 PLANS = {
     "smoke": Plan("smoke", "SiT-T/8", 16, 6, 1, 20, 100, 2, 0),
-    "quick": Plan("quick", "SiT-T/4", 32, 250, 2, 200, 500, 16, 0),
-    "default": Plan("default", "SiT-T/4", 64, 1200, 3, 300, 1000, 32, 0),
-    "longer": Plan("longer", "SiT-T/4", 64, 4000, 5, 1000, 5000, 32, 1000),
+    "quick": Plan("quick", "SiT-T/4", 32, 200, 2, 200, 500, 16, 0),
+    "default": Plan("default", "SiT-T/4", 64, 800, 3, 300, 1000, 32, 0),
+    "longer": Plan("longer", "SiT-T/4", 64, 3000, 5, 1000, 5000, 32, 1000),
 }
 GRID_COUNT = 40      # 4 rows of the 10 classes
 
@@ -136,7 +137,10 @@ def run(args) -> int:
         run_dir = out / "runs" / f"{plan.name}-{demo_run.key}"
         print(f"[{demo_run.key}] training into {run_dir}", flush=True)
         t0 = time.time()
-        train(config, run_dir, resume="auto", log=lambda m: print(f"  {m}", flush=True))
+        result = train(config, run_dir, resume="auto", log=lambda m: print(f"  {m}", flush=True))
+        if result.interrupted:
+            print(f"[{demo_run.key}] stopped at step {result.step}; run the same command again to continue")
+            return 1
         train_seconds = time.time() - t0
         print(f"[{demo_run.key}] scoring", flush=True)
         results.append(score_run(demo_run, run_dir, plan, device, out, train_seconds))

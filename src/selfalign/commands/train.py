@@ -43,6 +43,10 @@ def run(args) -> int:
     except TrainingStopped as err:
         print(f"selfalign train: {err}", file=sys.stderr)
         return 1
+    if result.interrupted:
+        print(f"stopped at step {result.step} by a signal; checkpoint {result.checkpoint}; continue with "
+              f"--resume auto")
+        return 1
     print(f"done: step {result.step} ({result.images / 1000:.3f} kimg), {result.skipped_steps} skipped "
           f"step(s); checkpoint {result.checkpoint}")
     return 0

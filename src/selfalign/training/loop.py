@@ -1,6 +1,7 @@
 """The outer loop of :class:`~selfalign.training.trainer.Trainer`: steps, logs, grids, evals, checkpoints."""
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -56,8 +57,10 @@ def run_loop(trainer):
     trainer.install_signal_handlers()
     metrics = trainer.open_metrics()
     start_images = trainer.step * b
+    show_bar = info.is_main and cfg.logging.progress_bar and sys.stderr.isatty()
     bar = tqdm(total=trainer.total_steps * b, initial=start_images, unit="img", unit_scale=True,
-               dynamic_ncols=True, disable=not (info.is_main and cfg.logging.progress_bar))
+               dynamic_ncols=True, disable=not show_bar)
+    began = time.perf_counter()
     trainer.log(f"training {cfg.model.preset} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M "
                 f"parameters) with {', '.join(cfg.regularizers) or 'no regularizer'} on {cfg.data.kind}: "
                 f"global batch {b} = {info.world_size} process(es) x {trainer.per_rank} "
@@ -82,6 +85,11 @@ def run_loop(trainer):
                 if metrics is not None:
                     metrics.write(record)
                     bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", refresh=False)
+                    if not show_bar:    # logs and pipes get one line per record instead of a bar
+                        rate = (after - start_images) / max(time.perf_counter() - began, 1e-9)
+                        eta = (trainer.total_steps * b - after) / max(rate, 1e-9)
+                        trainer.log(f"step {trainer.step}/{trainer.total_steps} ({after / 1000:g} kimg) loss "
+                                    f"{record.get('loss', float('nan')):.4f} {rate:.1f} img/s ETA {eta / 60:.1f} min")
             if crossed(before, after, t.sample_every_kimg) or (last and t.sample_every_kimg > 0):
                 trainer.write_samples(metrics)
             if crossed(before, after, t.eval_every_kimg) or (last and t.eval_every_kimg > 0):
@@ -100,7 +108,8 @@ def run_loop(trainer):
             metrics.close()
     if trainer.last_checkpoint is None or not trainer.last_checkpoint.name.endswith(f"{trainer.step:09d}"):
         trainer.save()
-    return RunResult(trainer.run_dir, trainer.step, trainer.step * b, trainer.skipped, trainer.last_checkpoint)
+    return RunResult(trainer.run_dir, trainer.step, trainer.step * b, trainer.skipped, trainer.last_checkpoint,
+                     interrupted=trainer.step < trainer.total_steps)
 
 
 def _log_record(trainer, window: _Window, images: int, peak_mb: float) -> dict:

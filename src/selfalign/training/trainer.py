@@ -50,6 +50,7 @@ class RunResult:
     images: int
     skipped_steps: int
     checkpoint: Path | None
+    interrupted: bool = False     # stopped early by SIGTERM/SIGUSR1 (a checkpoint was written)
 
 
 def crossed(before: int, after: int, every_kimg: float) -> bool:
