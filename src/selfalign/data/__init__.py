@@ -11,15 +11,16 @@ from .order import DataOrder, step_batches
 from .transforms import center_crop_arr, model_to_uint8, uint8_to_model
 
 
-def build_dataset(config, split: str = "train"):
-    """The dataset a :class:`~selfalign.config.DataConfig` describes."""
+def build_dataset(config, split: str = "train", with_images: bool = False):
+    """The dataset a :class:`~selfalign.config.DataConfig` describes; ``with_images`` asks a latent
+    dataset for the raw pixels too (pixel datasets are images already)."""
     if config.kind == "fashion_mnist":
         return FashionMNIST(split, config.path or None, config.resolution)
     if config.kind == "imagefolder":
         return ImageFolder(config.path, config.resolution)
     if config.kind == "latents":
         from .latents import build_latent_dataset
-        return build_latent_dataset(config, split)
+        return build_latent_dataset(config, split, with_images=with_images)
     raise ValueError(f"data.kind={config.kind!r} is not supported")
 
 

@@ -70,10 +70,10 @@ def run_loop(trainer):
     batches = trainer.batches()
     try:
         while trainer.step < trainer.total_steps:
-            x, y = next(batches)
+            x, y, *extra = next(batches)       # extra: images next to latents
             if trainer.batch_hook is not None:
                 x, y = trainer.batch_hook(trainer, trainer.step, x, y)   # tests: inject faults
-            ok, terms = trainer.train_step(x, y)
+            ok, terms = trainer.train_step(x, y, *extra)
             window.add(ok, terms)
             before, trainer.step = trainer.step * b, trainer.step + 1
             after = trainer.step * b

@@ -82,10 +82,6 @@ class Trainer:
         self.per_rank = t.batch_size // info.world_size
         self.micro = t.micro_batch if 0 < t.micro_batch < self.per_rank else self.per_rank
 
-        self.dataset = build_dataset(config.data, "train")
-        self._check_dataset()
-        self.order = DataOrder(len(self.dataset), t.seed)
-
         torch.manual_seed(t.seed)       # identical initial weights on every rank
         model = DiffusionTransformer(config.backbone_config()).to(device)
         regularizers = {name: build_regularizer(name, cfg, model)
@@ -96,6 +92,9 @@ class Trainer:
         self.ema = EMA(model, t.ema_decay)
         self.needs_teacher = any(r.needs_teacher() for r in regularizers.values())
         self.needs_images = any(r.needs_images() for r in regularizers.values())
+        self.dataset = build_dataset(config.data, "train", with_images=self.needs_images)
+        self._check_dataset()
+        self.order = DataOrder(len(self.dataset), t.seed)
         self.params = [p for p in self.step_module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                                            weight_decay=t.weight_decay, fused=device.type == "cuda")
@@ -221,10 +220,13 @@ class Trainer:
             return torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
         return torch.nn.utils.get_total_norm(grads, foreach=True)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[bool, dict[str, torch.Tensor]]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor,
+                   images: torch.Tensor | None = None) -> tuple[bool, dict[str, torch.Tensor]]:
         """Forward/backward over the micro-batches, checks, optimizer and EMA update.
 
-        Returns ``(ok, terms)``; ``ok`` is False when the step was skipped."""
+        ``images`` are the raw pixels next to latents (latent datasets, for encoder-based
+        regularizers); for pixel datasets the images are ``x``. Returns ``(ok, terms)``; ``ok``
+        is False when the step was skipped."""
         device, t = self.info.device, self.config.train
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if hasattr(self.dataset, "to_model"):   # cached latents: x0 = scale * (mean + std * eps) per step
@@ -232,6 +234,9 @@ class Trainer:
         elif self.config.data.hflip:            # (latent datasets serve stored mirror images instead)
             flip = torch.rand(x.shape[0], device=device, generator=self.generator) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if self.needs_images:
+            images = x if images is None else images.to(device, non_blocking=True)
+            image_chunks = images.split(self.micro)
         progress = Progress(images=self.step * self.global_batch, dataset_size=len(self.dataset))
         autocast = self._autocast()
         self.optimizer.zero_grad(set_to_none=True)
@@ -243,7 +248,7 @@ class Trainer:
             with sync:
                 total, parts = self.train_module(
                     xc, yc, teacher=self.ema.model if self.needs_teacher else None,
-                    images=xc if self.needs_images else None, generator=self.generator,
+                    images=image_chunks[i] if self.needs_images else None, generator=self.generator,
                     progress=progress, autocast=autocast)
                 share = xc.shape[0] / x.shape[0]
                 loss = total * share
