@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--warmup", type=float, default=0.3, help="fraction of steps the one-cycle LR rises")
+    parser.add_argument("--init", default=None, help="start from these weights (continue training)")
     parser.add_argument("--data", default=None, help="folder of the Fashion-MNIST IDX files")
     args = parser.parse_args(argv)
 
@@ -64,10 +66,15 @@ def main(argv=None) -> int:
     train = FashionMNIST("train", path=args.data, resolution=NATIVE_SIZE)
     test = FashionMNIST("test", path=args.data, resolution=NATIVE_SIZE)
 
-    model = FashionClassifier().to(memory_format=torch.channels_last)
+    model = FashionClassifier()
+    if args.init:
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(args.init))
+    model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = len(train) // args.batch_size
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * steps_per_epoch,
+                                                   pct_start=args.warmup)
     start = time.time()
     for epoch in range(args.epochs):
         model.train()
@@ -92,7 +99,10 @@ def main(argv=None) -> int:
     save_file(state, str(out))
     record = {"test_accuracy": test_acc, "epochs": args.epochs, "seconds": round(time.time() - start),
               "threads": args.threads, "command": "python scripts/train_classifier.py " + " ".join(sys.argv[1:])}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    history = out.with_suffix(".json")
+    if args.init and history.is_file() and Path(args.init).resolve() == out.resolve():
+        record["continues"] = json.loads(history.read_text())     # keep the whole recipe on record
+    history.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out} (test accuracy {100 * test_acc:.2f}%)")
     return 0
 

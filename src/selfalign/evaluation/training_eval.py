@@ -3,7 +3,7 @@
     evaluate(model, objective, config, num_samples, generator, device) -> {"fd": .., "accuracy": ..,
         "precision": .., "recall": .., "eval_seconds": ..}
 
-Class-balanced labels, a fast deterministic sampler (Euler ODE, 32 steps, no guidance; DDIM 32
+Class-balanced labels, a fast deterministic sampler (Euler ODE, 25 steps, no guidance; DDIM 25
 steps for DDPM objectives), then the classifier metrics of :mod:`.indomain` against the
 Fashion-MNIST test split. Only Fashion-MNIST runs have an in-domain judge: other datasets get an
 empty dict (use ``selfalign sample`` + ``selfalign eval fid`` for them).
@@ -16,7 +16,7 @@ import torch
 
 from .indomain import indomain_metrics
 
-EVAL_STEPS = 32
+EVAL_STEPS = 25
 
 
 def default_sampler(objective_kind: str, steps: int = EVAL_STEPS):
