@@ -47,7 +47,7 @@ BUDGETS = {
     # 2-core CPU: SiT-T/4 (64 tokens), batch 64; sized for about 60-90 minutes on a quiet machine
     # One thread per run: on a shared 2-core machine two OpenMP threads wait on each other's
     # time slices and run several times slower; on a quiet machine --threads 2 is faster.
-    "cpu": Budget(CPU_PRESETS, kimg=12.8, eval_every_kimg=3.2, eval_samples=400, seeds=3,
+    "cpu": Budget(CPU_PRESETS, kimg=12.8, eval_every_kimg=3.2, eval_samples=300, seeds=3,
                   ablation_seeds=1, fid_samples=0, threads=1),
     # one GPU: SiT-S/2 (256 tokens), batch 256
     "gpu": Budget(GPU_PRESETS, kimg=1000.0, eval_every_kimg=100.0, eval_samples=5000, seeds=3,
@@ -90,15 +90,19 @@ def plan(args) -> list[dict]:
             continue
         if ablation and args.no_ablation:
             continue
+        # the ablation compares end points only: one evaluation, at the end
+        run_every = kimg if ablation and not args.ablation_curves else every
         for seed in range(ablation_seeds if ablation else seeds):
-            sets = [f"train.seed={seed}", f"train.total_kimg={kimg}", f"train.eval_every_kimg={every}",
+            sets = [f"train.seed={seed}", f"train.total_kimg={kimg}", f"train.eval_every_kimg={run_every}",
                     f"train.eval_samples={samples}", f"train.ckpt_every_kimg={every}", "train.keep_last=1",
                     "train.sample_every_kimg=0", "logging.progress_bar=false", "logging.tensorboard=false",
                     *budget.extra, *overrides, *args.set]
             if args.budget != "gpu":
                 sets.append("train.device=cpu")
             runs.append({"arm": name, "seed": seed, "preset": preset, "overrides": sets, "ablation": ablation})
-    return runs
+    # seed-major order: a run cut short (or a machine whose load drifts) leaves the arms balanced
+    order = list(arms(budget, args.budget == "gpu"))
+    return sorted(runs, key=lambda r: (r["ablation"], r["seed"], order.index(r["arm"])))
 
 
 def train(run: dict, run_dir: Path, env: dict) -> dict:
@@ -152,6 +156,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fid-samples", type=int, default=None, help="Inception FID samples (0: none)")
     parser.add_argument("--only", default="", help="comma list of arms (default: all)")
     parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument("--ablation-curves", action="store_true",
+                        help="evaluate ablation runs at every checkpoint too (default: at the end only)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every run")
     parser.add_argument("--threads", type=int, default=None, help="OMP/torch threads of each run "
                         "(default: the budget's; cpu: 1)")

@@ -13,6 +13,14 @@ from pathlib import Path
 
 METRICS = ("fd", "accuracy", "precision", "recall")
 MAIN_ARMS = ("vanilla", "sra", "repa")
+# ablation arm -> (its reference arm, the paper's ordering, SiT-B/2 400K FID, SPEC section 5)
+ABLATION_REFERENCES = {
+    "sra_layers": ("sra", "3->8 better than 3->3 (29.10 vs 37.08)"),
+    "sra_no_head": ("sra", "head better than no head (29.10 vs 34.23)"),
+    "sra_interval_0": ("sra", "U[0,0.2) better than fixed 0 (29.10 vs 31.07)"),
+    "sra_ema_0": ("vanilla_ema_0", "EMA 0.9999 better than EMA 0 (29.10 vs 35.71); here EMA 0 also "
+                                   "changes the evaluated model, so its reference is vanilla with EMA 0"),
+}
 
 
 def read_run(run_dir: Path) -> dict:
@@ -87,6 +95,19 @@ def summarize(work: Path, results: Path, manifest: dict | None = None) -> dict:
             claim["arms"][arm] = {"kimg_to_reach_vanilla_final_fd": reach,
                                   "images_saved_factor": last / reach if reach else None,
                                   "fd_minus_vanilla_same_seed": paired}
+    ablation = {}
+    for arm in runs:
+        reference, paper = ABLATION_REFERENCES.get(arm.split("_layers_")[0] + "_layers" if "_layers_" in arm
+                                                   else arm, (None, None))
+        if reference is None or reference not in runs:
+            continue
+        final = lambda name, seed: (runs[name][seed]["evals"][max(runs[name][seed]["evals"])]["fd"]
+                                    if runs[name].get(seed, {}).get("evals") else None)
+        seeds = [s for s in runs[arm] if final(arm, s) is not None and final(reference, s) is not None]
+        ablation[arm] = {"reference": reference, "paper": paper, "seeds": seeds,
+                         "fd": mean_std([final(arm, s) for s in seeds]),
+                         "reference_fd": mean_std([final(reference, s) for s in seeds]),
+                         "difference": mean_std([final(arm, s) - final(reference, s) for s in seeds])}
     summary = {"budget": manifest.get("budget"), "command": manifest.get("command"),
                "started": manifest.get("started"), "seconds": manifest.get("seconds"),
                "load_average": [manifest.get("load_average_start"), manifest.get("load_average_end")],
@@ -94,7 +115,7 @@ def summarize(work: Path, results: Path, manifest: dict | None = None) -> dict:
                "warning": manifest.get("warning"),
                "runs": [{k: r[k] for k in ("arm", "seed", "preset", "overrides", "returncode", "seconds")}
                         for r in manifest["runs"]],
-               "arms": arms, "claim": claim}
+               "arms": arms, "claim": claim, "ablation": ablation}
     results.mkdir(parents=True, exist_ok=True)
     (results / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (results / "table.md").write_text(markdown(summary))
@@ -140,6 +161,13 @@ def markdown(s: dict) -> str:
             reach = c["kimg_to_reach_vanilla_final_fd"]
             paired = c["fd_minus_vanilla_same_seed"].get(claim["vanilla_final_kimg"], {})
             lines.append(f"| {arm} | {'not reached' if reach is None else f'{reach:.2f}'} | {_ms(paired)} |")
+    if s.get("ablation"):
+        lines += ["", "Ablation, final FD, each against its reference on the same seeds "
+                      "(the paper's expectation in the last column):", "",
+                  "| arm | FD | reference | reference FD | difference | paper |", "|---|---|---|---|---|---|"]
+        for arm, a in s["ablation"].items():
+            lines.append(f"| {arm} | {_ms(a['fd'])} | {a['reference']} | {_ms(a['reference_fd'])} | "
+                         f"{_ms(a['difference'])} | {a['paper']} |")
     failed = [f"{r['arm']} seed {r['seed']}" for r in s["runs"] if r["returncode"] != 0]
     if failed:
         lines += ["", "Failed runs: " + ", ".join(failed)]
