@@ -237,3 +237,29 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     assert main(["eval", "ref", "fashion-mnist", "--out", str(tmp_path / "ref.txt"), "--device", "cpu"]) == 2
     assert "is an .npz file" in capsys.readouterr().err
+
+
+def test_a_network_with_logits_gives_inception_score_and_no_sfid(tmp_path):
+    from selfalign.evaluation.fid import ReferenceBatch
+    from selfalign.evaluation.images import ArraySource
+    from selfalign.evaluation.metrics import evaluate_source
+
+    class WithLogits(torch.nn.Module):
+        def forward(self, x: torch.Tensor):
+            pooled = x.mean(dim=(2, 3))
+            return pooled, torch.cat([pooled, -pooled], 1)
+
+    path = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(WithLogits()), str(path))
+    network = InceptionV3(path)
+    images = random_images(6, 8, seed=9)
+    out = network(images)
+    assert out.pool.shape == (6, 3) and out.logits.shape == (6, 6) and out.spatial is None and not network.has_spatial
+    messages = []
+    reference = ReferenceBatch(FeatureStatistics.of(out.pool), None, out.pool)
+    results = evaluate_source(ArraySource(images), reference, network, progress=False, log=messages.append)
+    assert results["inception_score"] >= 1.0 and abs(results["fid"]) < 1e-6 and "sfid" not in results
+    assert any("sFID skipped" in m for m in messages) and not any("Inception Score skipped" in m for m in messages)
+    (tmp_path / "junk.pt").write_text("not torchscript")
+    with pytest.raises(ValueError, match="not a TorchScript file"):
+        InceptionV3(tmp_path / "junk.pt")
