@@ -116,6 +116,7 @@ ROWS = [
     ("prepare-missing-source", ["prepare", "{tmp}/no-images", "{out}", "--device", "cpu", "--no-progress"],
      "no-images", {}),
     ("convert-import-missing-file", ["convert", "import", "{tmp}/no.pt", "{out}", "--from", "sit"], "no.pt", {}),
+    ("demo-out-is-a-file", ["demo", "--smoke", "--out", "{files}/list.yaml", "--device", "cpu"], "is a file", {}),
     ("convert-export-missing-run", ["convert", "export", "{tmp}/no-run", "{tmp}/out.pt", "--to", "sit"],
      "does not exist", {}),
 ]

@@ -119,6 +119,9 @@ def run(args) -> int:
     plan = plan_from_args(args)
     device = pick_device(args.device)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        from ..cli import UsageError
+        raise UsageError(f"--out {out} is a file; give a directory (a new one, or the demo to continue)")
     configs = run_configs(plan, str(device), progress_bar=sys.stderr.isatty())
     torch.manual_seed(0)
     print(f"selfalign demo ({plan.name}): {' vs '.join(r.label for r, _ in configs)} on Fashion-MNIST, {device}")
