@@ -3,7 +3,7 @@
 ``--resume auto`` each time, and prove nothing was lost or corrupted.
 
     python scripts/kill_harness.py --kills 20            # the documented full run (docs/RELIABILITY.md)
-    python scripts/kill_harness.py --kills 5 --launcher fork   # what CI runs (tests/test_reliability_kill.py)
+    python scripts/kill_harness.py --kills 5 --steps 16 --launcher fork   # what CI runs (tests/test_reliability_kill.py)
 
 The run: SiT-T/8 + SRA on a 256-image slice of Fashion-MNIST (32 px, 16 tokens), global batch 8
 in micro-batches of 4, random flips, fp32, one process with one thread; a metrics record every
