@@ -139,7 +139,8 @@ def inception_fid(run_dir: Path, samples: int, work: Path, env: dict) -> None:
         subprocess.run(cli + ["eval", "ref", "fashion-mnist:test", "--resolution", "32", "--limit", str(samples),
                               "--out", str(ref), "--no-progress"], env=env, cwd=REPO, check=True)
     subprocess.run(cli + ["sample", str(run_dir), "--out", str(run_dir / "fid_samples"), "-n", str(samples),
-                          "--sampler", "euler", "--steps", "50", "--class-balanced", "--no-progress"],
+                          "--sampler", "euler", "--steps", "50", "--class-balanced", "--batch-size", "50",
+                          "--shard-size", "1000", "--no-progress"],
                    env=env, cwd=REPO, check=True)
     subprocess.run(cli + ["eval", "fid", str(run_dir / "fid_samples" / "samples.npz"), "--ref", str(ref),
                           "--json", str(out), "--no-progress"], env=env, cwd=REPO, check=True)
