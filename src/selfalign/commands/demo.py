@@ -40,13 +40,14 @@ class Plan:
     heldout: int         # test images for the held-out denoising loss
     grid_steps: int      # Euler steps of the final sample grids
     fid_samples: int     # Inception FID samples per run (0: skipped)
+    ema_decay: float     # EMA time constant ~ 1/8 of the run, so the grids (and SRA's teacher) keep up
 
 
 PLANS = {
-    "smoke": Plan("smoke", "SiT-T/8", 16, 6, 1, 20, 100, 2, 0),
-    "quick": Plan("quick", "SiT-T/4", 32, 200, 2, 200, 500, 16, 0),
-    "default": Plan("default", "SiT-T/4", 64, 800, 3, 300, 1000, 32, 0),
-    "longer": Plan("longer", "SiT-T/4", 64, 3000, 5, 1000, 5000, 32, 1000),
+    "smoke": Plan("smoke", "SiT-T/8", 16, 6, 1, 20, 100, 2, 0, 0.9),
+    "quick": Plan("quick", "SiT-T/4", 32, 200, 2, 200, 500, 16, 0, 0.96),
+    "default": Plan("default", "SiT-T/4", 64, 800, 3, 300, 1000, 32, 0, 0.99),
+    "longer": Plan("longer", "SiT-T/4", 64, 3000, 5, 1000, 5000, 32, 1000, 0.997),
 }
 GRID_COUNT = 40      # 4 rows of the 10 classes
 
@@ -80,6 +81,7 @@ def run_configs(plan: Plan, device: str, progress_bar: bool):
                  f"train.ckpt_every_kimg={eval_every}", f"train.keep_last={plan.evals + 1}",
                  f"train.eval_every_kimg={eval_every}", f"train.eval_samples={plan.eval_samples}",
                  "train.sample_every_kimg=0", f"train.device={device}", "train.seed=0",
+                 f"train.ema_decay={plan.ema_decay}",
                  "logging.tensorboard=false", f"logging.progress_bar={str(progress_bar).lower()}"]
     return [(run, load_config(run.preset, overrides)) for run in RUNS]
 
@@ -127,7 +129,7 @@ def run(args) -> int:
     print(f"selfalign demo ({plan.name}): {' vs '.join(r.label for r, _ in configs)} on Fashion-MNIST, {device}")
     print(f"  model {plan.model}, global batch {plan.batch}, {plan.steps} steps = {plan.steps * plan.batch / 1000:g} "
           f"kimg per run, same seed and data order; {plan.evals} in-domain evaluations of {plan.eval_samples} "
-          f"samples, held-out loss on {plan.heldout} test images"
+          f"samples, held-out loss on {plan.heldout} test images, EMA decay {plan.ema_decay}"
           + (f", Inception FID on {plan.fid_samples} samples" if plan.fid_samples else ""))
     step_seconds = [calibrate(config, device) for _, config in configs]
     eta = estimate_seconds(plan, step_seconds)

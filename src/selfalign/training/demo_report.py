@@ -76,7 +76,8 @@ def conclusion(plan, results) -> str:
         significant = abs(diff) > 2 * se
         parts.append(f"{other['run'].label} has a {'lower' if diff < 0 else 'higher'} held-out denoising loss "
                      f"than {base['run'].label} by {abs(rel):.3g} % (difference {diff:+.3g}, paired standard "
-                     f"error {se:.3g}: {'more than' if significant else 'within'} two standard errors)")
+                     f"error over the test images {se:.3g}: {'more than' if significant else 'within'} two "
+                     f"standard errors)")
         for key, (label, higher_better) in EVAL_METRICS.items():
             a, b = _last(base["eval"], key), _last(other["eval"], key)
             if a is None or b is None:
@@ -90,8 +91,9 @@ def conclusion(plan, results) -> str:
                           for o in results[1:])
     scale = (f"At this scale ({plan.model}, {plan.steps} steps of {plan.batch} images = "
              f"{plan.steps * plan.batch / 1000:g} kimg, one seed), ")
-    verdict = ("the held-out loss difference is larger than its noise, but one short run on a tiny model "
-               "says little about the paper's claim" if any_significant else
+    verdict = ("the held-out loss difference is larger than the test-set noise, but that error bar does not "
+               "include the spread between training seeds, and one short run of a tiny model says little "
+               "about the paper's claim" if any_significant else
                "the held-out loss difference is within noise, so these numbers neither confirm nor refute "
                "the paper's claim")
     return (scale + "; ".join(parts) + ". The classifier metrics come from one seed without an error "
