@@ -97,7 +97,9 @@ class Trainer:
         self.order = DataOrder(len(self.dataset), t.seed)
         self.params = [p for p in self.step_module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                                           weight_decay=t.weight_decay, fused=device.type == "cuda")
+                                           weight_decay=t.weight_decay,
+                                           # fused kernels on GPU; one foreach call per op on CPU
+                                           **({"fused": True} if device.type == "cuda" else {"foreach": True}))
         self.scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
         self.generator = rng.step_generator(t.seed, info.rank, device)
         self.step, self.skipped, self.consecutive_bad = 0, 0, 0
