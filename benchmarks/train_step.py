@@ -87,8 +87,8 @@ class Bench:
         self.t_teacher = self.objective.model_time(t_teacher)
 
     def adam_kind(self, kind: str) -> str:
-        if kind == "trainer":    # selfalign.training.trainer: fused=device.type == "cuda"
-            return "fused" if self.device.type == "cuda" else "default"
+        if kind == "trainer":    # selfalign.training.trainer: fused on CUDA, foreach elsewhere
+            return "fused" if self.device.type == "cuda" else "foreach"
         return kind
 
     def optimizer(self, kind: str) -> torch.optim.Optimizer:

@@ -43,7 +43,7 @@ class Variant:
     teacher_precision: str = "autocast"
     teacher_fraction: float = 1.0
     ema_foreach: bool = True
-    adam: str = "trainer"               # "trainer" (fused on CUDA, else torch's choice), "fused",
+    adam: str = "trainer"               # "trainer" (fused on CUDA, else foreach), "fused",
                                         # "foreach" or "default" (torch's choice, the released code)
     compile: str = ""                   # "": eager; "student" (what train.compile does); "both"
     grad_checkpointing: bool = False
