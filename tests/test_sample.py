@@ -121,3 +121,10 @@ def test_latent_samples_are_decoded_with_the_vae():
                      decode=lambda x: vae.decode_uint8(x).numpy())
     images = draw(sample_noise((4, 8, 8), 0, range(3)), np.array([0, 1, 2]), 0)
     assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+
+
+def test_default_batch_and_shard_sizes_work_together(checkpoint, tmp_path):
+    """The defaults alone (no --batch-size/--shard-size) must not be refused as inconsistent."""
+    args = ["-n", "3", "--sampler", "euler", "--steps", "2", "--device", "cpu", "--no-progress"]
+    assert main(["sample", str(checkpoint), "--out", str(tmp_path / "defaults"), *args]) == 0
+    assert read(tmp_path / "defaults" / "samples.npz")[0].shape == (3, 32, 32, 3)

@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
                    help="any other sampler setting, e.g. --set diffusion=sigma --set eta=1.0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="per-process batch")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per resumable shard")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="images per resumable shard, a multiple of --batch-size (default 16 batches)")
     p.add_argument("--class-balanced", action="store_true", help="equal class counts instead of uniform labels")
     p.add_argument("--unconditional", action="store_true", help="sample with the null class")
     p.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of the EMA")
@@ -96,7 +97,8 @@ def run(args) -> int:
     sampler = sampler_config(args, objective.kind)
     out = Path(args.out)
     plan = SamplePlan(checkpoint=str(checkpoint.resolve()), num_samples=args.num_samples,
-                      seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size,
+                      seed=args.seed, batch_size=args.batch_size,
+                      shard_size=args.shard_size or 16 * args.batch_size,
                       class_balanced=args.class_balanced, unconditional=args.unconditional,
                       sampler=asdict(sampler) | {"ema": not args.raw_weights, "vae": args.vae})
     plan.validate()
