@@ -46,7 +46,7 @@ class Plan:
 PLANS = {
     "smoke": Plan("smoke", "SiT-T/8", 16, 6, 1, 20, 100, 2, 0, 0.9),
     "quick": Plan("quick", "SiT-T/4", 32, 200, 2, 200, 500, 16, 0, 0.96),
-    "default": Plan("default", "SiT-T/4", 64, 800, 3, 300, 1000, 32, 0, 0.99),
+    "default": Plan("default", "SiT-T/4", 64, 600, 3, 300, 1000, 32, 0, 0.99),
     "longer": Plan("longer", "SiT-T/4", 64, 3000, 5, 1000, 5000, 32, 1000, 0.997),
 }
 GRID_COUNT = 40      # 4 rows of the 10 classes
@@ -55,7 +55,7 @@ GRID_COUNT = 40      # 4 rows of the 10 classes
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="train vanilla SiT and SiT + SRA on Fashion-MNIST and compare them",
                        description="The built-in comparison: same model, seed, data order and budget "
-                                   "(default: SiT-T/4, 800 steps of 64 images per run); prints the plan "
+                                   "(default: SiT-T/4, 600 steps of 64 images per run); prints the plan "
                                    "and an ETA measured on this machine, then writes OUT/report.md.")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="200 steps of 32 images per run")
