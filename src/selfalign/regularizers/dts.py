@@ -30,7 +30,7 @@ from torch import nn
 
 from .base import Progress, Regularizer, StepContext
 from .distances import get_distance
-from .sra import LAYER_PRESETS, projection_head
+from .sra import preset_layers, projection_head
 
 TEACHER_TIMES = ("min", "per_group")
 
@@ -52,10 +52,7 @@ class DTSConfig:
 
     @classmethod
     def for_model(cls, preset: str, **overrides) -> "DTSConfig":
-        key = preset.split("/")[0]
-        if key not in LAYER_PRESETS:
-            raise ValueError(f"no DTS layer preset for {preset!r}: known {sorted(LAYER_PRESETS)}")
-        m, n = LAYER_PRESETS[key]
+        m, n = preset_layers(preset, "DTS")
         return cls(**{"student_layer": m, "teacher_layer": n, **overrides})
 
     def validate(self, depth: int | None = None) -> None:

@@ -25,6 +25,14 @@ LAYER_PRESETS = {
     "SiT-T": (2, 4), "SiT-M": (2, 6), "DiT-T": (2, 4), "DiT-M": (2, 6),
     "SiT-S": (3, 8), "DiT-S": (3, 7),
 }
+def preset_layers(preset: str, method: str = "SRA") -> tuple[int, int]:
+    """(student block m, teacher block n) of the layer table for "SiT-XL/2" or "SiT-XL"."""
+    key = preset.split("/")[0]
+    if key not in LAYER_PRESETS:
+        raise ValueError(f"no {method} layer preset for {preset!r}: known {sorted(LAYER_PRESETS)}")
+    return LAYER_PRESETS[key]
+
+
 TEACHER_PRECISIONS = ("autocast", "fp32")
 WEIGHT_SCHEDULES = ("constant", "official_decay")
 
@@ -47,10 +55,7 @@ class SRAConfig:
     @classmethod
     def for_model(cls, preset: str, **overrides) -> "SRAConfig":
         """The paper's layers for a model preset name ("SiT-XL/2") or family-size ("SiT-XL")."""
-        key = preset.split("/")[0]
-        if key not in LAYER_PRESETS:
-            raise ValueError(f"no SRA layer preset for {preset!r}: known {sorted(LAYER_PRESETS)}")
-        m, n = LAYER_PRESETS[key]
+        m, n = preset_layers(preset, "SRA")
         return cls(**{"student_layer": m, "teacher_layer": n, **overrides})
 
     def validate(self, depth: int | None = None) -> None:

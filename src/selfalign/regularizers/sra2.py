@@ -18,7 +18,7 @@ from torch import nn
 
 from .base import Progress, Regularizer, StepContext
 from .distances import get_distance
-from .sra import LAYER_PRESETS
+from .sra import preset_layers
 
 
 @dataclass
@@ -30,10 +30,7 @@ class SRA2Config:
 
     @classmethod
     def for_model(cls, preset: str, **overrides) -> "SRA2Config":
-        key = preset.split("/")[0]
-        if key not in LAYER_PRESETS:
-            raise ValueError(f"no SRA 2 layer preset for {preset!r}: known {sorted(LAYER_PRESETS)}")
-        return cls(**{"layer": LAYER_PRESETS[key][0], **overrides})
+        return cls(**{"layer": preset_layers(preset, "SRA 2")[0], **overrides})
 
     def validate(self, depth: int | None = None) -> None:
         if self.layer < 1 or (depth is not None and self.layer > depth):
