@@ -31,6 +31,7 @@ def test_demo_smoke_writes_the_report(tmp_path, capsys):
         assert f"| {run.label} |" in report
         assert (out / "runs" / f"smoke-{run.key}" / "metrics.jsonl").is_file()
     assert "## What the numbers show" in report and "standard error" in report
+    assert "Inception FID is not computed in this plan" in report     # smoke skips FID and says so
     for name in ("loss_curves.png", "metrics_vs_kimg.png", "samples_side_by_side.png"):
         assert f"({name})" in report
         with Image.open(out / name) as image:

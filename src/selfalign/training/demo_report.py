@@ -118,7 +118,12 @@ def write_report(out: Path, plan, results, wall_seconds: float, estimate: float)
              f"Plan `{plan.name}`: {plan.model}, global batch {plan.batch}, {plan.steps} steps "
              f"({plan.steps * plan.batch / 1000:g} kimg) per run, same seed (0), data order and budget; "
              f"only the regularizers differ. Wall time {wall_seconds / 60:.1f} min "
-             f"(estimated {estimate / 60:.1f} min before starting).", "",
+             f"(estimated {estimate / 60:.1f} min before starting). "
+             + (f"Inception FID (TF-FID weights) on {plan.fid_samples} class-balanced samples per run "
+                f"against as many test images." if plan.fid_samples else
+                "Inception FID is not computed in this plan: on a CPU the Inception network runs at a few "
+                "images/s, too slow for the time budget, so the in-domain classifier's metrics stand in; "
+                "`selfalign demo --longer` adds FID on 1000 samples per run."), "",
              "| run | train gen loss | held-out loss | " + " | ".join(v[0] for v in EVAL_METRICS.values())
              + (" | Inception FID" if any("fid" in r for r in results) else "") + " | img/s | train time |",
              "|---" * (5 + len(EVAL_METRICS) + (1 if any("fid" in r for r in results) else 0)) + "|"]
