@@ -51,3 +51,16 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def load_kill_harness():
+    """``scripts/kill_harness.py`` as a module: its data maker and run helpers serve the
+    reliability tests (it is a script, not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "kill_harness.py"
+    spec = importlib.util.spec_from_file_location("kill_harness", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

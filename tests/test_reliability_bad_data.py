@@ -5,7 +5,6 @@ worker. (Skip-and-report of unreadable images is `selfalign prepare`'s: tests/te
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from selfalign.cli import main
 from selfalign.data import DataOrder, step_batches
 from selfalign.data.latents import LatentDataset
 from selfalign.pipeline import shards as fmt
+from conftest import load_kill_harness
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 QUIET = ["--set", "logging.progress_bar=false", "--set", "logging.tensorboard=false",
@@ -72,10 +72,7 @@ def test_a_corrupt_image_is_named_with_its_index(tmp_path, capsys, how, workers)
 # -- Fashion-MNIST files -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fmnist(tmp_path_factory):
-    path = Path(__file__).resolve().parents[1] / "scripts" / "kill_harness.py"
-    spec = importlib.util.spec_from_file_location("kill_harness", path)
-    harness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(harness)
+    harness = load_kill_harness()
     return harness.make_data(tmp_path_factory.mktemp("fmnist"), count=64)
 
 

@@ -4,7 +4,6 @@ directory; an existing run or checkpoint untouched). Rows run in-process through
 ``selfalign.cli.main``; a few also as real processes for the real exit code."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from selfalign.cli import main
+from conftest import load_kill_harness
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,13 +122,6 @@ ROWS = [
 ]
 
 
-def load_harness():
-    spec = importlib.util.spec_from_file_location("kill_harness", ROOT / "scripts" / "kill_harness.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Shared inputs: bad YAML files, a tiny config, a trained 2-step run and its checkpoint."""
@@ -138,7 +131,7 @@ def files(tmp_path_factory):
     from selfalign.training.trainer import train
 
     base = tmp_path_factory.mktemp("inputs")
-    fm = load_harness().make_data(base / "fmnist", count=64)
+    fm = load_kill_harness().make_data(base / "fmnist", count=64)
     (base / "invalid.yaml").write_text("model:\n  preset: [SiT-T/8\n")
     (base / "list.yaml").write_text("- model\n- train\n")
     (base / "binary.yaml").write_bytes(bytes(range(256)) * 4)

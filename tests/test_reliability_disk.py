@@ -4,7 +4,6 @@ left behind, and resuming from it ends exactly where an undisturbed run ends."""
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 from selfalign.config import load_config
 from selfalign.training import checkpoint as ckpt_io
 from selfalign.training.trainer import TrainingStopped, train
+from conftest import load_kill_harness
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 BATCH = 8
@@ -22,10 +22,7 @@ BATCH = 8
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    path = Path(__file__).resolve().parents[1] / "scripts" / "kill_harness.py"
-    spec = importlib.util.spec_from_file_location("kill_harness", path)
-    harness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(harness)
+    harness = load_kill_harness()
     return harness.make_data(tmp_path_factory.mktemp("fmnist"), count=64)
 
 

@@ -3,7 +3,6 @@ resume from different steps all stop at start with the same one-line message and
 before any step is taken or anything is written."""
 from __future__ import annotations
 
-import importlib.util
 import multiprocessing
 import os
 import socket
@@ -17,6 +16,7 @@ import yaml
 from selfalign.config import load_config
 from selfalign.training.checkpoint import list_checkpoints
 from selfalign.training.trainer import train
+from conftest import load_kill_harness
 
 BATCH = 8
 
@@ -30,10 +30,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A config file and a finished one-process run with checkpoints at steps 2 and 4."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "kill_harness.py"
-    spec = importlib.util.spec_from_file_location("kill_harness", path)
-    harness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(harness)
+    harness = load_kill_harness()
     base = tmp_path_factory.mktemp("dist")
     config = {"model": {"preset": "SiT-T/8"}, "regularizers": {"sra": {}},
               "data": {"kind": "fashion_mnist", "path": str(harness.make_data(base / "data", count=64))},

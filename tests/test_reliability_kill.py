@@ -4,7 +4,6 @@ to an uninterrupted run with each step in the metrics log exactly once (``script
 with a reduced kill count; ``docs/RELIABILITY.md`` has the full run)."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -12,15 +11,9 @@ import pytest
 import torch
 
 from selfalign.training import checkpoint as ckpt_io
+from conftest import load_kill_harness
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_harness():
-    spec = importlib.util.spec_from_file_location("kill_harness", ROOT / "scripts" / "kill_harness.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_small_checkpoint(run_dir, step, keep_last=None):
@@ -72,7 +65,7 @@ def test_a_kill_while_replacing_a_stale_checkpoint_of_the_same_step(tmp_path, mo
 
 
 def test_five_sigkills_anywhere_then_bitwise_equal_to_an_uninterrupted_run(tmp_path):
-    harness = load_harness()
+    harness = load_kill_harness()
     report = harness.run_harness(kills=5, seed=0, steps=16, workdir=tmp_path, launcher="fork", log=print)
     assert report["result"] == "PASS" and report["kills"] == 5
     assert sum(report["kills_by_kind"].values()) == 5
@@ -85,7 +78,7 @@ def test_the_harness_catches_a_resume_that_forgets_the_random_streams(tmp_path, 
     bitwise comparison against the uninterrupted run fails."""
     from selfalign.training import rng
     monkeypatch.setattr(rng, "restore", lambda state, generator: None)
-    harness = load_harness()
+    harness = load_kill_harness()
     with pytest.raises(harness.HarnessFailure, match="differs from the uninterrupted run"):
         harness.run_harness(kills=1, seed=0, steps=6, workdir=tmp_path, launcher="fork", kinds=("step",),
                             log=print)
@@ -97,7 +90,7 @@ def test_the_harness_catches_a_resume_that_forgets_the_random_streams(tmp_path, 
     (['{"kind": "train", "step": 1, "loss": 0.5}'], "differs from the uninterrupted run"),
 ])
 def test_the_metrics_audit_catches_torn_duplicate_or_wrong_records(tmp_path, lines, expected):
-    harness = load_harness()
+    harness = load_kill_harness()
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     reference = {s: {"kind": "train", "step": s} for s in (1, 2)}
     with pytest.raises(harness.HarnessFailure, match=expected):

@@ -6,8 +6,6 @@ with one clear line, and no checkpoint ever holds a non-finite tensor.
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from selfalign.config import load_config
 from selfalign.training.checkpoint import latest_checkpoint, list_checkpoints, load_optimizer_state
 from selfalign.training.metrics import read_metrics
 from selfalign.training.trainer import TrainingStopped, train
+from conftest import load_kill_harness
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 BATCH = 8
@@ -25,10 +24,7 @@ BATCH = 8
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """256 Fashion-MNIST images (loads in milliseconds), made by the kill harness's helper."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "kill_harness.py"
-    spec = importlib.util.spec_from_file_location("kill_harness", path)
-    harness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(harness)
+    harness = load_kill_harness()
     return harness.make_data(tmp_path_factory.mktemp("fmnist"))
 
 

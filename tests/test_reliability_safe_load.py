@@ -4,7 +4,6 @@ or hidden inside a real optimizer state) or as ``model.safetensors``, is refused
 and the marker never appears."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -18,6 +17,7 @@ from selfalign.cli import main
 from selfalign.config import load_config
 from selfalign.training import checkpoint as ckpt_io
 from selfalign.training.trainer import train
+from conftest import load_kill_harness
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -36,10 +36,7 @@ class Payload:
 def trained(tmp_path_factory):
     import yaml
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "kill_harness.py"
-    spec = importlib.util.spec_from_file_location("kill_harness", path)
-    harness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(harness)
+    harness = load_kill_harness()
     base = tmp_path_factory.mktemp("safe")
     config = {"model": {"preset": "SiT-T/8"},
               "data": {"kind": "fashion_mnist", "path": str(harness.make_data(base / "data", count=64))},
