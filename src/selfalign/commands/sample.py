@@ -75,11 +75,8 @@ def latent_decoder(config, vae_spec: str | None, device):
 
 
 def run(args) -> int:
-    import os
     from dataclasses import asdict
     from pathlib import Path
-
-    import torch
 
     from ..evaluation.generate import (SamplePlan, check_plan, generate_shards, make_draw, merge_shards,
                                        missing_shards, write_pngs)

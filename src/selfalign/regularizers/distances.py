@@ -4,7 +4,6 @@ Inputs are token tensors ``(B, N, D)``.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 SMOOTH_L1_BETA = 0.05   # the SRA paper's beta

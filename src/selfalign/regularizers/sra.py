@@ -6,7 +6,6 @@ earlier (cleaner) time ``t' = clamp(t - k, ...)``, ``k ~ U[0, k_max)`` per examp
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 

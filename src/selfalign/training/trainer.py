@@ -229,7 +229,7 @@ class Trainer:
         ``images`` are the raw pixels next to latents (latent datasets, for encoder-based
         regularizers); for pixel datasets the images are ``x``. Returns ``(ok, terms)``; ``ok``
         is False when the step was skipped."""
-        device, t = self.info.device, self.config.train
+        device = self.info.device
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if hasattr(self.dataset, "to_model"):   # cached latents: x0 = scale * (mean + std * eps) per step
             x = self.dataset.to_model(x, self.generator)
