@@ -42,6 +42,16 @@ def sampling_lines(data: dict) -> None:
                 ["row", "img/s", "calls", "guided", "status"])
 
 
+def trainer_check_lines(data: dict) -> None:
+    failed = [name for name, ok in data["checks"].items() if not ok]
+    print(f"\n== trainer check ({data['preset']} on {data['device']}): "
+          + ("all checks passed" if not failed else f"FAILED: {', '.join(failed)}")
+          + f"; trainer {_f(data.get('train_img_per_s_median'), '.0f')} img/s; seconds {data['seconds']}")
+    for record in data.get("eval_records", [])[-1:]:
+        print("  last evaluation: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                               for k, v in record.items() if k != "kind"))
+
+
 def other_lines(path: Path, data: dict) -> None:
     flat = {k: v for k, v in data.items() if isinstance(v, (int, float, str, bool)) or v is None}
     print(f"\n== {path.name}: " + ", ".join(f"{k}={v}" for k, v in list(flat.items())[:12]))
@@ -66,6 +76,8 @@ def main(argv=None) -> int:
             train_step_lines(data)
         elif kind == "sampling":
             sampling_lines(data)
+        elif kind == "trainer_check":
+            trainer_check_lines(data)
         else:
             other_lines(path, data)
     return 0

@@ -47,7 +47,7 @@ PRESETS = {
     # the convergence benchmark's model: SiT-T/4 on Fashion-MNIST 1x32x32
     "cpu-tiny": Preset("SiT-T/4", 32, 1, 10, 16, "fp32", "cpu", 2, 1.0),
     "gpu-b2": Preset("SiT-B/2", 32, 4, 1000, 64, "bf16", "cuda", 2, 1.0),
-    "gpu-xl2": Preset("SiT-XL/2", 32, 4, 1000, 32, "bf16", "cuda", 1, 1.0),
+    "gpu-xl2": Preset("SiT-XL/2", 32, 4, 1000, 64, "bf16", "cuda", 1, 1.0),
     "dry": Preset("SiT-T/2", 8, 4, 10, 4, "fp32", "cpu", 1, 0.1),
 }
 CFG_SCALE, GUIDANCE_HIGH = 1.8, 0.7      # SPEC: ImageNet 256, CFG 1.8 for t <= 0.7

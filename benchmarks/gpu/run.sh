@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU benchmark row in one go, well inside 8 minutes: JSON under $OUT, a short table last.
+# Every GPU benchmark and check in one go, inside 9.5 minutes: JSON under $OUT, a short table last.
 #
 #   PYTHONPATH=src bash benchmarks/gpu/run.sh                  # on a CUDA machine (H100 / H200)
 #   PYTHONPATH=src bash benchmarks/gpu/run.sh --cpu-dry-run    # tiny settings on a CPU: every path
 #
-# Stages: training step SiT-B/2 and SiT-XL/2 at 256 px (4x32x32 synthetic latents, bf16, largest
-# batch that fits, all toggles, MFU against a bf16 matmul timed in the same process), sampling
-# SiT-XL/2 (Euler-50 / SDE-250, CFG with an interval), VAE encode (benchmarks/gpu/vae_encode.py,
-# only when diffusers is importable), then the table. No network installs: torch with CUDA,
-# numpy and safetensors are enough. Each stage has a soft budget (it starts no new work after it)
-# and a hard `timeout` 30 s above it, so one stuck stage cannot take the others' time.
+# Stages, most wanted first: training step SiT-XL/2 at 256 px (4x32x32 synthetic latents, bf16,
+# largest batch that fits, all toggles, MFU against a bf16 matmul timed in the same process); the
+# real trainer end to end on CUDA (benchmarks/gpu/trainer_check.py: train with compile, resume,
+# sample; needs the Fashion-MNIST files, $SELFALIGN_FASHION_MNIST); sampling SiT-XL/2 (Euler-50 /
+# SDE-250, CFG with an interval); training step SiT-B/2; VAE encode (benchmarks/gpu/vae_encode.py,
+# only when diffusers is importable); then the table. No network installs: torch with CUDA, numpy
+# and safetensors are enough. Each stage has a soft budget (it starts no new work after it) and a
+# hard `timeout` 30 s above it, so one stuck stage cannot take the others' time.
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
 
@@ -23,8 +25,12 @@ done
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results/gpu-run-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
+# $OUT holds only the result JSON files and ONE log (run.log): the device tool brings back at most
+# 8 files. Each stage's log is written apart, then appended to run.log when the stage ends.
+LOG="$OUT/run.log"
+STAGE_LOGS=$(mktemp -d)
 START=$(date +%s)
-TOTAL_S=${BENCH_TOTAL_S:-420}     # no stage starts after this many seconds
+TOTAL_S=${BENCH_TOTAL_S:-500}     # no stage starts after this many seconds
 STATUS=0
 
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -32,16 +38,18 @@ elapsed() { echo $(( $(date +%s) - START )); }
 stage() {  # stage NAME SOFT_BUDGET_S command...
   local name=$1 budget=$2; shift 2
   if [ "$(elapsed)" -ge "$TOTAL_S" ]; then
-    echo "== $name: skipped, ${TOTAL_S}s total budget spent" | tee "$OUT/$name.skipped"
+    echo "== $name: skipped, ${TOTAL_S}s total budget spent" | tee -a "$LOG"
     return
   fi
   echo "== $name (soft budget ${budget}s; $(elapsed)s elapsed)"
-  timeout --kill-after=5 $(( budget + 30 )) "$@" --budget-s "$budget" --out "$OUT" > "$OUT/$name.log" 2>&1
+  local stage_log="$STAGE_LOGS/$name.log"
+  timeout --kill-after=5 $(( budget + 30 )) "$@" --budget-s "$budget" --out "$OUT" > "$stage_log" 2>&1
   local rc=$?
-  tail -n 6 "$OUT/$name.log"
+  { echo "===== $name: $* (exit $rc, $(elapsed)s elapsed)"; cat "$stage_log"; } >> "$LOG"
+  tail -n 6 "$stage_log"
   if [ "$rc" -ne 0 ]; then
-    echo "!! $name exited with code $rc; last lines of $OUT/$name.log:"
-    tail -n 15 "$OUT/$name.log"
+    echo "!! $name exited with code $rc; last lines of its log (all of it in $LOG):"
+    tail -n 15 "$stage_log"
     STATUS=1
   fi
 }
@@ -49,29 +57,31 @@ stage() {  # stage NAME SOFT_BUDGET_S command...
 if [ "$DRY" -eq 1 ]; then
   echo "cpu dry run: tiny settings, every code path, numbers meaningless"
   stage train_step_dry 600 python benchmarks/train_step.py --preset dry --device cpu --compile-reserve-s 0
+  stage trainer_check_dry 300 python benchmarks/gpu/trainer_check.py --cpu-dry-run
   stage sampling_dry 120 python benchmarks/sampling.py --preset dry
 else
   if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "no CUDA device visible to torch: run on a GPU machine, or pass --cpu-dry-run" >&2
     exit 2
   fi
-  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv \
-    > "$OUT/nvidia-smi.csv" 2>&1 || true
-  cat "$OUT/nvidia-smi.csv"
-  stage train_step_b2 80 python benchmarks/train_step.py --preset gpu-b2 --compile-reserve-s 40
-  stage train_step_xl2 180 python benchmarks/train_step.py --preset gpu-xl2 --max-batch 128 --compile-reserve-s 90
-  stage sampling_xl2 50 python benchmarks/sampling.py --preset gpu-xl2
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv 2>&1 \
+    | tee -a "$LOG" || true
+  # most wanted first: the XL/2 targets, then the trainer's first real CUDA run
+  stage train_step_xl2 240 python benchmarks/train_step.py --preset gpu-xl2 --max-batch 128 --compile-reserve-s 100
+  stage trainer_check 140 python benchmarks/gpu/trainer_check.py
+  stage sampling_xl2 40 python benchmarks/sampling.py --preset gpu-xl2
+  stage train_step_b2 60 python benchmarks/train_step.py --preset gpu-b2 --compile-reserve-s 30
 fi
 
 # Cached latents vs online VAE encoding: another script, run only where it can run.
 if [ ! -f benchmarks/gpu/vae_encode.py ]; then
-  echo "== vae_encode: skipped, benchmarks/gpu/vae_encode.py is not in this checkout" | tee "$OUT/vae_encode.skipped"
+  echo "== vae_encode: skipped, benchmarks/gpu/vae_encode.py is not in this checkout" | tee -a "$LOG"
 elif ! python -c "import diffusers" > /dev/null 2>&1; then
-  echo "== vae_encode: skipped, diffusers is not importable here (no network installs)" | tee "$OUT/vae_encode.skipped"
+  echo "== vae_encode: skipped, diffusers is not importable here (no network installs; the device tool can carry its wheel)" | tee -a "$LOG"
 elif [ "$DRY" -eq 1 ]; then
   stage vae_encode 120 python benchmarks/gpu/vae_encode.py --cpu-dry-run
 else
-  stage vae_encode 40 python benchmarks/gpu/vae_encode.py
+  stage vae_encode 30 python benchmarks/gpu/vae_encode.py
 fi
 
 echo

@@ -1,0 +1,124 @@
+"""The real trainer on the GPU, end to end: train, resume, sample, in the GPU preset's settings.
+
+The training-step benchmark times the step in isolation; this runs what a user runs
+(``selfalign train`` / ``sample`` in subprocesses) on Fashion-MNIST with the ``fmnist-gpu-small-sra``
+preset (SiT-S/2, bf16, fused AdamW, TF32) plus ``train.compile=true``: a first run with a
+checkpoint half way, a resume that must continue from it to a longer total, then class-balanced
+sampling with guidance. It records whether each part worked, its seconds, the trainer's own
+images/s and losses, and the in-loop evaluation; the JSON says which checks failed.
+
+Needs the Fashion-MNIST IDX files: ``$SELFALIGN_FASHION_MNIST`` or the Debian package's folder.
+
+    PYTHONPATH=src python benchmarks/gpu/trainer_check.py --out $OUT
+    PYTHONPATH=src python benchmarks/gpu/trainer_check.py --cpu-dry-run     # tiny, on a CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # benchmarks/common.py
+from common import environment, pick_device, write_json  # noqa: E402
+
+
+def run(cmd: list[str], log: list[str], timeout: float) -> tuple[int, float]:
+    began = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1.0))
+        code, text = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as err:
+        code, text = 124, f"timed out after {timeout:.0f}s\n{err.stdout or ''}{err.stderr or ''}"
+    seconds = time.perf_counter() - began
+    log.append(f"$ {' '.join(cmd)}\n(exit {code}, {seconds:.1f}s)\n" + text[-4000:])
+    print(log[-1][-1500:], flush=True)
+    return code, seconds
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("kind") == kind]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cpu-dry-run", action="store_true", help="SiT-T/4 on the CPU, a few steps")
+    p.add_argument("--kimg", type=float, default=None, help="images of the first run, thousands")
+    p.add_argument("--budget-s", type=float, default=240.0, help="whole check, seconds")
+    p.add_argument("--out", default=os.environ.get("OUT"), help="JSON file or folder")
+    args = p.parse_args(argv)
+    dry = args.cpu_dry_run
+    device = pick_device("cpu" if dry else "cuda")
+    preset = "fmnist-cpu-tiny-sra" if dry else "fmnist-gpu-small-sra"
+    batch = 64 if dry else 256
+    kimg = args.kimg or (batch * 4 / 1000 if dry else batch * 200 / 1000)     # 4 / 200 steps
+    half, longer = kimg / 2, kimg * 1.5
+    n_samples = 20 if dry else 200
+    began = time.perf_counter()
+    left = lambda: args.budget_s - (time.perf_counter() - began)
+    cli = [sys.executable, "-m", "selfalign.cli"]
+    log: list[str] = []
+    checks: dict[str, bool] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        common = ["--run-dir", str(run_dir), "--set", f"train.device={device.type}",
+                  "--set", f"train.ckpt_every_kimg={half}", "--set", f"train.log_every_kimg={batch * 20 / 1000}",
+                  "--set", f"train.eval_every_kimg={kimg}", "--set", f"train.eval_samples={50 if dry else 1000}",
+                  "--set", "train.sample_every_kimg=0", "--set", "logging.progress_bar=false",
+                  "--set", "logging.tensorboard=false", "--set", f"train.compile={'false' if dry else 'true'}"]
+        code, first_s = run(cli + ["train", preset, *common, "--set", f"train.total_kimg={kimg}"], log, left())
+        checks["train"] = code == 0
+        first_records = records(run_dir, "train")
+        checkpoints = sorted((run_dir / "checkpoints").glob("*")) if (run_dir / "checkpoints").is_dir() else []
+        checks["checkpoints_written"] = len(checkpoints) >= 1
+        code, resume_s = run(cli + ["train", preset, *common, "--set", f"train.total_kimg={longer}",
+                                    "--resume", "auto"], log, left())
+        checks["resume"] = code == 0
+        all_records = records(run_dir, "train")
+        steps = [r["step"] for r in all_records]
+        checks["resume_continues_from_checkpoint"] = bool(steps) and steps == sorted(steps) and \
+            steps[-1] == round(longer * 1000 / batch)
+        losses = [r["loss"] for r in all_records]
+        checks["losses_finite"] = bool(losses) and all(math.isfinite(x) for x in losses)
+        checks["loss_falls"] = len(losses) >= 2 and losses[-1] < losses[0]
+        out_dir = Path(tmp) / "samples"
+        code, sample_s = run(cli + ["sample", str(run_dir), "--out", str(out_dir), "-n", str(n_samples), "--sampler", "euler",
+                                    "--steps", "50", "--cfg-scale", "1.5", "--guidance-interval", "0", "0.7",
+                                    "--class-balanced", "--batch-size", "100", "--device", device.type,
+                                    "--no-progress"], log, left())
+        checks["sample"] = code == 0 and (out_dir / "samples.npz").is_file()
+        if checks["sample"]:
+            import numpy as np
+            images = np.load(out_dir / "samples.npz")["arr_0"]
+            checks["samples_shape_and_range"] = bool(images.shape[0] == n_samples and images.dtype == np.uint8
+                                                     and images.std() > 0)
+        evals = records(run_dir, "eval")
+    speeds = [r["img_per_s"] for r in all_records[1:] if r.get("img_per_s")]   # first window: compile
+    data = {
+        "benchmark": "trainer_check", "preset": preset, "device": environment(device)["device"],
+        "dry_run": dry, "overrides": common[2:], "kimg_first_run": kimg, "kimg_after_resume": longer,
+        "checks": checks, "all_passed": all(checks.values()),
+        "seconds": {"train": round(first_s, 1), "resume": round(resume_s, 1), f"sample_{n_samples}": round(sample_s, 1)},
+        "train_img_per_s_median": sorted(speeds)[len(speeds) // 2] if speeds else None,
+        "first_run_records": len(first_records), "train_records": all_records, "eval_records": evals,
+        "environment": environment(device), "log_tail": log,
+    }
+    path = write_json(data, args.out, "trainer_check.json" if not dry else "trainer_check_dry.json")
+    print(f"checks: {checks}\nimg/s (median of the trainer's windows): {data['train_img_per_s_median']}")
+    print(f"wrote {path}")
+    return 0 if data["all_passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
