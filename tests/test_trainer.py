@@ -177,3 +177,22 @@ def test_fp16_loss_scaling_and_tensorboard(tmp_path):
     scaler = torch.load(latest_checkpoint(tmp_path) / "optimizer.pt", weights_only=True)["scaler"]
     assert scaler["scale"] == records[-1]["loss_scale"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_compile_trains_like_eager_and_saves_plain_keys(tmp_path):
+    """train.compile compiles the student and the SRA teacher's forward; the losses follow the eager
+    run's and checkpoints keep the plain parameter names (no ``_orig_mod.`` of the wrappers)."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    train(load_config(tiny(2)), eager, log=quiet)
+    result = train(load_config(tiny(2, compile=True)), compiled, log=quiet)
+    assert result.step == 2
+    a, b = read_metrics(eager), read_metrics(compiled)
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "loss/gen", "loss/sra"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-3), key
+    _, ta = final_tensors(eager)
+    _, tb = final_tensors(compiled)
+    for group in ("model", "ema", "regularizers"):
+        assert ta[group].keys() == tb[group].keys()
+        for key in ta[group]:
+            torch.testing.assert_close(tb[group][key], ta[group][key], rtol=1e-3, atol=1e-4)

@@ -43,7 +43,9 @@ def frechet_distance(a: FeatureStatistics, b: FeatureStatistics, eps: float = 1e
         raise ValueError(f"feature statistics have different dimensions: {mu1.shape} vs {mu2.shape}; "
                          "were they computed with the same network?")
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(s1.dot(s2), disp=False)
+    # no ``disp=False``: newer SciPy removed the argument (the GPU image's SciPy refused it); plain sqrtm returns
+    # the matrix on every SciPy version, and a failed root shows up as non-finite entries below
+    covmean = linalg.sqrtm(s1.dot(s2))
     if not np.isfinite(covmean).all():
         warnings.warn(f"Frechet distance: singular covariance product; adding {eps} to the diagonals")
         offset = np.eye(s1.shape[0]) * eps
