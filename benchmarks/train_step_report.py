@@ -33,6 +33,7 @@ def analyse(result: dict, config, teacher_layer: int) -> dict:
         "sra_over_floor_minus_1": _ratio(sra, floor) - 1 if sra and floor else None,
         "released_over_vanilla": _ratio(released, vanilla),
         "released_over_selfalign": _ratio(released, sra),
+        "released_over_compiled": _ratio(released, _ms(rows, "sra_compile")),
         "analytic_floor_over_vanilla": sra_floor_ratio(config, teacher_layer),
         "analytic_sra_flops_over_vanilla": flops["total"] / vanilla_flops,
         "head_share_of_vanilla_flops": 3 * head_flops(config) / vanilla_flops,
@@ -75,16 +76,20 @@ def targets(a: dict, settings: dict, env: dict) -> list[dict]:
                   f"counted in: {a.get('sra_over_floor_plus_head_minus_1', float('nan')):+.1%}"),
     }]
     xl_gpu = settings["preset"] == "gpu-xl2"
-    speedup = a["released_over_selfalign"]
+    # selfalign's GPU presets set train.compile (student and teacher compiled: the sra_compile
+    # row); the eager row is the same step without it
+    shipped = "sra_compile" if a["released_over_compiled"] is not None else "sra"
+    speedup = a["released_over_compiled"] if shipped == "sra_compile" else a["released_over_selfalign"]
     found.append({
         "target": f"selfalign SRA >= {RELEASED_TARGET}x the released recipe's images/s on GPU at SiT-XL/2",
-        "applies": xl_gpu, "value": speedup, "value_fastest_row": a["released_over_fastest_selfalign"],
+        "applies": xl_gpu, "value": speedup, "row": shipped, "value_eager": a["released_over_selfalign"],
+        "value_fastest_row": a["released_over_fastest_selfalign"],
         "met": bool(xl_gpu and speedup is not None and speedup >= RELEASED_TARGET),
         "miss_by": max(0.0, RELEASED_TARGET - speedup) if speedup is not None else None,
         "bound": ("the released step is vanilla + a full teacher forward (all blocks, fp32/TF32); "
-                  "selfalign's cannot be cheaper than its floor, so the speedup is at most "
-                  "released / floor" + (f" = {a['released_over_vanilla'] / a['floor_over_vanilla']:.2f}x here"
-                                        if a["released_over_vanilla"] and a["floor_over_vanilla"] else "")),
+                  "eager selfalign cannot be cheaper than its floor, so without compilation the speedup "
+                  "is at most released / floor" + (f" = {a['released_over_vanilla'] / a['floor_over_vanilla']:.2f}x here"
+                                                   if a["released_over_vanilla"] and a["floor_over_vanilla"] else "")),
     })
     # The H200 is the H100's chip (same SMs, clocks and bf16 tensor-core rate) with more, faster
     # memory; MFU is taken against the matmul rate measured on the card itself, so both count.
