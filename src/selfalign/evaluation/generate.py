@@ -3,9 +3,9 @@
 Determinism: sample ``i`` takes its initial noise (and, without class balancing, its label) from
 its own generator seeded by ``(seed, i)``, so it does not depend on the number of processes or
 on which process draws it. Stochastic samplers (Euler-Maruyama, DDPM, DDIM with eta > 0) also
-draw noise at every step from one generator per batch, seeded by ``(seed, first index of the
-batch)``; batches are fixed blocks of the shard, so their images depend on ``batch_size`` as
-well -- but never on the process count.
+draw noise at every step, sample ``i``'s from its own CPU generator seeded by ``(seed, i,
+"steps")``: images depend on neither the process count, nor ``batch_size``, nor the device's
+random number generator (only on floating-point differences between batch sizes and devices).
 
 Layout of ``out_dir``: ``plan.json`` (everything that determines the images), ``shards/
 shard-XXXXXX.npz`` (``arr_0`` uint8 images, ``arr_1`` labels, ``index`` sample indices), written
@@ -67,6 +67,9 @@ class SamplePlan:
     class_balanced: bool = False
     unconditional: bool = False
     sampler: dict | None = None
+    # how stochastic samplers draw their per-step noise; older directories (one generator per
+    # batch) hold other images for the same seed, so their plan no longer matches
+    step_noise: str = "per-sample"
 
     def validate(self) -> None:
         for key in ("num_samples", "batch_size", "shard_size"):
@@ -119,8 +122,10 @@ def shard_is_complete(path: Path, plan: SamplePlan, shard: int, labels: np.ndarr
 
 
 def make_draw(model, objective, sampler_config, device, decode: Callable | None = None,
-              unconditional: bool = False) -> Callable[[torch.Tensor, np.ndarray, int], np.ndarray]:
-    """``draw(noise, labels, step_seed)`` -> uint8 NHWC: sample with the core sampler, then decode.
+              unconditional: bool = False) -> Callable[[torch.Tensor, np.ndarray, list[int]], np.ndarray]:
+    """``draw(noise, labels, step_seeds)`` -> uint8 NHWC: sample with the core sampler, then decode.
+
+    ``step_seeds`` seed one CPU generator per sample for the sampler's per-step noise.
 
     ``decode`` maps model-space samples to uint8 ``(B, H, W, 3)`` (a latent model's VAE); pixel
     models go through :func:`to_uint8_images`.
@@ -129,8 +134,8 @@ def make_draw(model, objective, sampler_config, device, decode: Callable | None 
 
     device = torch.device(device)
 
-    def draw(noise: torch.Tensor, labels: np.ndarray, step_seed: int) -> np.ndarray:
-        generator = torch.Generator(device).manual_seed(step_seed)
+    def draw(noise: torch.Tensor, labels: np.ndarray, step_seeds: list[int]) -> np.ndarray:
+        generator = [torch.Generator().manual_seed(seed) for seed in step_seeds]
         y = None if unconditional else torch.as_tensor(labels, dtype=torch.long, device=device)
         x = sample(model, objective, noise.to(device), y, sampler_config, generator=generator)
         if decode is not None:
@@ -140,13 +145,13 @@ def make_draw(model, objective, sampler_config, device, decode: Callable | None 
     return draw
 
 
-def generate_shards(plan: SamplePlan, out_dir: Path, draw: Callable[[torch.Tensor, np.ndarray, int], np.ndarray],
+def generate_shards(plan: SamplePlan, out_dir: Path, draw: Callable[[torch.Tensor, np.ndarray, list[int]], np.ndarray],
                     image_shape: tuple[int, ...], num_classes: int, rank: int = 0, world_size: int = 1,
                     progress: bool = True) -> dict:
     """Make this process's shards (``shard % world_size == rank``); finished ones are verified and skipped.
 
-    ``draw(noise, labels, step_seed)`` turns initial noise and labels into uint8 NHWC images
-    (:func:`make_draw`); ``step_seed`` seeds the sampler's per-step noise of that batch.
+    ``draw(noise, labels, step_seeds)`` turns initial noise and labels into uint8 NHWC images
+    (:func:`make_draw`); ``step_seeds[k]`` seeds the per-step noise of the batch's sample ``k``.
     Returns counts: ``{"made": .., "skipped": .., "images": ..}``.
     """
     from tqdm import tqdm
@@ -169,7 +174,8 @@ def generate_shards(plan: SamplePlan, out_dir: Path, draw: Callable[[torch.Tenso
         for b in range(start, end, plan.batch_size):
             stop = min(b + plan.batch_size, end)
             noise = sample_noise(image_shape, plan.seed, range(b, stop))
-            images.append(draw(noise, labels[b - start:stop - start], sample_seed(plan.seed, b, "steps")))
+            step_seeds = [sample_seed(plan.seed, i, "steps") for i in range(b, stop)]
+            images.append(draw(noise, labels[b - start:stop - start], step_seeds))
             bar.update(stop - b)        # tqdm shows the rate in img/s
         path = shard_path(out_dir, shard)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,15 +13,17 @@ from . import ddpm as _ddpm
 from . import flow as _flow
 from .config import DDPM_SAMPLERS, DIFFUSIONS, FLOW_SAMPLERS, SAMPLERS, SamplerConfig
 from .guidance import GuidedModel, model_num_classes
+from .noise import Generators
 
 
 def sample(model: nn.Module, objective: Objective, noise: torch.Tensor, labels: torch.Tensor | None,
-           config: SamplerConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+           config: SamplerConfig, generator: Generators = None) -> torch.Tensor:
     """Integrate from ``noise`` (B, C, H, W) to a clean sample ``x0`` in model space.
 
     ``labels`` (B,) are class ids; ``None`` samples unconditionally (the null class). The model is
     called as ``model(x, objective.model_time(t), y)`` in ``noise.dtype``; every random draw
-    comes from ``generator``. The result has ``noise``'s dtype.
+    comes from ``generator`` (given one generator per sample, sample ``k``'s draws come from
+    ``generator[k]``, whatever the batch). The result has ``noise``'s dtype.
     """
     config.validate()
     config.check_objective(objective.kind)

@@ -6,11 +6,11 @@ import torch
 from ..objectives.ddpm import DDPMObjective
 from .config import SamplerConfig
 from .guidance import GuidedModel
-from .noise import standard_normal
+from .noise import Generators, standard_normal
 
 
 def ddpm(guided: GuidedModel, objective: DDPMObjective, noise: torch.Tensor, config: SamplerConfig,
-         generator: torch.Generator | None) -> torch.Tensor:
+         generator: Generators) -> torch.Tensor:
     """ADM's ``p_sample_loop`` / ``ddim_sample_loop`` over ``respacing`` (default ``str(steps)``).
 
     The model sees the original step index of each respaced step; the guidance interval is

@@ -11,7 +11,7 @@ import torch
 from ..objectives.flow import FlowObjective
 from .config import SamplerConfig
 from .guidance import GuidedModel
-from .noise import standard_normal
+from .noise import Generators, standard_normal
 
 
 def state_dtype(device: torch.device) -> torch.dtype:
@@ -44,7 +44,7 @@ def ode(guided: GuidedModel, noise: torch.Tensor, config: SamplerConfig) -> torc
 
 
 def sde(guided: GuidedModel, objective: FlowObjective, noise: torch.Tensor, config: SamplerConfig,
-        generator: torch.Generator | None) -> torch.Tensor:
+        generator: Generators) -> torch.Tensor:
     """Euler-Maruyama for ``dx = [v - w(t)/2 * score] dt + sqrt(w(t)) dW`` backwards in time.
 
     Stochastic steps on ``linspace(1, last_step, steps)``, then one step of the same drift,
