@@ -38,9 +38,10 @@ def read_run(run_dir: Path) -> dict:
                 evals[round(record["kimg"], 3)] = {k: record[k] for k in METRICS if k in record}
             elif record.get("kind") == "train" and record.get("img_per_s"):
                 speeds.append(record["img_per_s"])
-    fid = run_dir / "fid.json"
+    fid, heldout = run_dir / "fid.json", run_dir / "heldout.json"
     return {"evals": evals, "img_per_s_median": statistics.median(speeds) if speeds else None,
-            "fid": json.loads(fid.read_text()).get("fid") if fid.is_file() else None}
+            "fid": json.loads(fid.read_text()).get("fid") if fid.is_file() else None,
+            "heldout": json.loads(heldout.read_text())["mean"] if heldout.is_file() else None}
 
 
 def mean_std(values: list[float]) -> dict:
@@ -64,6 +65,13 @@ def first_reach(curve: list[tuple[float, float]], target: float) -> float | None
     return None
 
 
+def paired_final(runs: dict, arm: str, reference: str, key: str) -> dict:
+    """``arm - reference`` of a final per-run number, over the seeds both have (seeds pair up)."""
+    return mean_std([runs[arm][s][key] - runs[reference][s][key] for s in runs[arm]
+                     if s in runs[reference] and runs[arm][s][key] is not None
+                     and runs[reference][s][key] is not None])
+
+
 def summarize(work: Path, results: Path, manifest: dict | None = None) -> dict:
     manifest = manifest or json.loads((work / "manifest.json").read_text())
     runs = defaultdict(dict)      # arm -> seed -> run data
@@ -79,6 +87,7 @@ def summarize(work: Path, results: Path, manifest: dict | None = None) -> dict:
         arms[arm] = {"seeds": sorted(seeds), "curve": curve,
                      "img_per_s": mean_std([r["img_per_s_median"] for r in seeds.values()]),
                      "inception_fid_final": mean_std([r["fid"] for r in seeds.values()]),
+                     "heldout_final": mean_std([r["heldout"] for r in seeds.values()]),
                      "failed_seeds": [s for s, r in seeds.items() if r["returncode"] != 0]}
     claim = {}
     if "vanilla" in arms and arms["vanilla"]["curve"]:
@@ -96,7 +105,8 @@ def summarize(work: Path, results: Path, manifest: dict | None = None) -> dict:
                 paired[k] = mean_std(diffs)
             claim["arms"][arm] = {"kimg_to_reach_vanilla_final_fd": reach,
                                   "images_saved_factor": last / reach if reach else None,
-                                  "fd_minus_vanilla_same_seed": paired}
+                                  "fd_minus_vanilla_same_seed": paired,
+                                  "heldout_minus_vanilla_same_seed": paired_final(runs, arm, "vanilla", "heldout")}
     ablation = {}
     for arm in runs:
         reference, paper = ABLATION_REFERENCES.get(arm.split("_layers_")[0] + "_layers" if "_layers_" in arm
@@ -109,9 +119,12 @@ def summarize(work: Path, results: Path, manifest: dict | None = None) -> dict:
         ablation[arm] = {"reference": reference, "paper": paper, "seeds": seeds,
                          "fd": mean_std([final(arm, s) for s in seeds]),
                          "reference_fd": mean_std([final(reference, s) for s in seeds]),
-                         "difference": mean_std([final(arm, s) - final(reference, s) for s in seeds])}
+                         "difference": mean_std([final(arm, s) - final(reference, s) for s in seeds]),
+                         "heldout_difference": paired_final(runs, arm, reference, "heldout")}
     summary = {"budget": manifest.get("budget"), "command": manifest.get("command"),
                "started": manifest.get("started"), "seconds": manifest.get("seconds"),
+               # a resumed benchmark skips finished runs: their own records hold their time
+               "run_seconds_total": round(sum(r.get("seconds", 0) for r in manifest["runs"]), 1),
                "load_average": [manifest.get("load_average_start"), manifest.get("load_average_end")],
                "threads": manifest.get("threads"), "classifier_sha256": manifest.get("classifier_sha256"),
                "warning": manifest.get("warning"),
@@ -129,14 +142,15 @@ def summarize(work: Path, results: Path, manifest: dict | None = None) -> dict:
 def _ms(stat: dict, spec: str = ".2f") -> str:
     if not stat.get("n"):
         return "-"
-    return f"{stat['mean']:{spec}} ± {stat['std']:{spec}}" + (f" (n={stat['n']})" if stat["n"] < 3 else "")
+    return f"{stat['mean']:{spec}} ± {stat['std']:{spec.lstrip('+')}}" + (f" (n={stat['n']})" if stat["n"] < 3 else "")
 
 
 def markdown(s: dict) -> str:
     arms = s["arms"]
     kimgs = sorted({k for a in arms.values() for k in a["curve"]})
     lines = [f"# Convergence on Fashion-MNIST ({s['budget']} budget)", "",
-             f"Command: `{s['command']}`  ", f"Started {s['started']}, {s['seconds']} s, load average "
+             f"Command: `{s['command']}`  ", f"Started {s['started']}, {s['seconds']} s (training runs: "
+             f"{s['run_seconds_total']} s in all), load average "
              f"start/end {s['load_average'][0]} / {s['load_average'][1]}; {s['threads']} thread(s) per run; "
              f"FD judge: the committed classifier, sha256 {s['classifier_sha256']}.", "",
              *([f"**{s['warning']}**", ""] if s.get("warning") else []),
@@ -154,6 +168,13 @@ def markdown(s: dict) -> str:
             point = data["curve"].get(last, {})
             lines.append(f"| {arm} | " + " | ".join(_ms(point.get(m, {}), ".3f") for m in METRICS[1:])
                          + f" | {_ms(data['inception_fid_final'])} |")
+    if any(a["heldout_final"].get("n") for a in arms.values()):
+        lines += ["", "Held-out denoising loss of the final EMA (500 Fashion-MNIST test images, t = 0.1, 0.3, "
+                      "0.5, 0.7, 0.9, the same noise for every run; lower is better). Paired by seed:", "",
+                  "| arm | held-out loss | − vanilla, same seed |", "|---|---|---|"]
+        for arm, data in arms.items():
+            diff = s["claim"].get("arms", {}).get(arm, {}).get("heldout_minus_vanilla_same_seed", {})
+            lines.append(f"| {arm} | {_ms(data['heldout_final'], '.4f')} | {_ms(diff, '+.4f')} |")
     claim = s["claim"]
     if claim:
         lines += ["", f"Claim: an arm reaches vanilla's final FD ({claim['vanilla_final_fd']:.2f} at "
@@ -166,10 +187,11 @@ def markdown(s: dict) -> str:
     if s.get("ablation"):
         lines += ["", "Ablation, final FD, each against its reference on the same seeds "
                       "(the paper's expectation in the last column):", "",
-                  "| arm | FD | reference | reference FD | difference | paper |", "|---|---|---|---|---|---|"]
+                  "| arm | FD | reference | reference FD | difference | held-out loss difference | paper |",
+                  "|---|---|---|---|---|---|---|"]
         for arm, a in s["ablation"].items():
             lines.append(f"| {arm} | {_ms(a['fd'])} | {a['reference']} | {_ms(a['reference_fd'])} | "
-                         f"{_ms(a['difference'])} | {a['paper']} |")
+                         f"{_ms(a['difference'])} | {_ms(a['heldout_difference'], '+.4f')} | {a['paper']} |")
     failed = [f"{r['arm']} seed {r['seed']}" for r in s["runs"] if r["returncode"] != 0]
     if failed:
         lines += ["", "Failed runs: " + ", ".join(failed)]
