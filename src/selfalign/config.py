@@ -98,7 +98,7 @@ class TrainConfig:
     label_dropout: float = 0.1          # classifier-free guidance label dropout
     precision: str = "fp32"             # fp32 | bf16 | fp16 (with loss scaling)
     tf32: bool = True
-    compile: bool = False
+    compile: bool = False               # torch.compile the student and, when a regularizer needs one, the EMA teacher
     total_kimg: float = 100_000.0
     log_every_kimg: float = 10.0
     ckpt_every_kimg: float = 1_000.0
