@@ -212,10 +212,12 @@ def plot(s: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, names, title in ((axes[0], [a for a in s["arms"] if a in MAIN_ARMS], "main arms"),
-                             (axes[1], [a for a in s["arms"] if a not in MAIN_ARMS or a in ("vanilla", "sra")],
-                              "SRA ablation")):
+    panels = [([a for a in s["arms"] if a in MAIN_ARMS], "main arms")]
+    if any(a not in MAIN_ARMS for a in s["arms"]):
+        panels.append(([a for a in s["arms"] if a not in MAIN_ARMS or a in ("vanilla", "sra")], "SRA ablation"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, (names, title) in zip(axes, panels):
         for arm in names:
             points = [(k, v["fd"]) for k, v in sorted(s["arms"][arm]["curve"].items()) if v["fd"].get("n")]
             if not points:
