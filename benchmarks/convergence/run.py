@@ -230,7 +230,7 @@ def main(argv=None) -> int:
         return 2
     work.mkdir(parents=True, exist_ok=True)
     judge = hashlib.sha256(ASSET.read_bytes()).hexdigest()[:16]
-    manifest = {"budget": args.budget, "command": " ".join([sys.executable] + sys.argv),
+    manifest = {"budget": args.budget, "command": " ".join(["python"] + sys.argv),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_average_start": list(os.getloadavg()),
                 "threads": threads, "classifier_sha256": judge, "runs": []}
     began = time.time()
