@@ -11,6 +11,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))   # a bare checkout works too
+from selfalign.training.metrics import read_metrics  # noqa: E402
+
 METRICS = ("fd", "accuracy", "precision", "recall")
 MAIN_ARMS = ("vanilla", "sra", "repa")
 # ablation arm -> (its reference arm, the paper's ordering, SiT-B/2 400K FID, SPEC section 5)
@@ -27,17 +30,11 @@ ABLATION_REFERENCES = {
 
 def read_run(run_dir: Path) -> dict:
     evals, speeds = {}, []
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue        # a line cut by a kill
-            if record.get("kind") == "eval":
-                evals[round(record["kimg"], 3)] = {k: record[k] for k in METRICS if k in record}
-            elif record.get("kind") == "train" and record.get("img_per_s"):
-                speeds.append(record["img_per_s"])
+    for record in read_metrics(run_dir):          # a line cut by a kill is skipped there
+        if record.get("kind") == "eval":
+            evals[round(record["kimg"], 3)] = {k: record[k] for k in METRICS if k in record}
+        elif record.get("kind") == "train" and record.get("img_per_s"):
+            speeds.append(record["img_per_s"])
     fid, heldout = run_dir / "fid.json", run_dir / "heldout.json"
     return {"evals": evals, "img_per_s_median": statistics.median(speeds) if speeds else None,
             "fid": json.loads(fid.read_text()).get("fid") if fid.is_file() else None,

@@ -15,7 +15,6 @@ Needs the Fashion-MNIST IDX files: ``$SELFALIGN_FASHION_MNIST`` or the Debian pa
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -24,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # benchmarks/common.py
 from common import environment, pick_device, write_json  # noqa: E402
+
+from selfalign.training.metrics import read_metrics  # noqa: E402
 
 
 def run(cmd: list[str], log: list[str], timeout: float) -> tuple[int, float]:
@@ -44,11 +43,7 @@ def run(cmd: list[str], log: list[str], timeout: float) -> tuple[int, float]:
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("kind") == kind]
+    return [r for r in read_metrics(run_dir) if r.get("kind") == kind]
 
 
 def main(argv=None) -> int:

@@ -24,6 +24,8 @@ LAYER_PRESETS = {
     "SiT-T": (2, 4), "SiT-M": (2, 6), "DiT-T": (2, 4), "DiT-M": (2, 6),
     "SiT-S": (3, 8), "DiT-S": (3, 7),
 }
+
+
 def preset_layers(preset: str, method: str = "SRA") -> tuple[int, int]:
     """(student block m, teacher block n) of the layer table for "SiT-XL/2" or "SiT-XL"."""
     key = preset.split("/")[0]

@@ -114,11 +114,10 @@ class Trainer:
         # its own compiled wrapper (1.14x on SiT-XL/2 on an H200 over compiling the student alone,
         # benchmarks/results/gpu-NVIDIA-H200-20261126), while evaluation, sampling and checkpoints keep
         # using the plain EMA module, whose other shapes would otherwise each cost a recompilation.
-        self.teacher = self.ema.model
         if t.compile:
             model.compile()
-            if self.needs_teacher:
-                self.teacher = torch.compile(self.ema.model)
+        self.teacher = ((torch.compile(self.ema.model) if t.compile else self.ema.model)
+                        if self.needs_teacher else None)
         self.train_module = (DistributedDataParallel(self.step_module, device_ids=[device] if device.type == "cuda" else None)
                              if info.distributed else self.step_module)
         self.total_images = round(t.total_kimg * 1000)
@@ -256,7 +255,7 @@ class Trainer:
                     else self.train_module.no_sync())
             with sync:
                 total, parts = self.train_module(
-                    xc, yc, teacher=self.teacher if self.needs_teacher else None,
+                    xc, yc, teacher=self.teacher,
                     images=image_chunks[i] if self.needs_images else None, generator=self.generator,
                     progress=progress, autocast=autocast)
                 share = xc.shape[0] / x.shape[0]
