@@ -334,3 +334,19 @@ def test_dit_teacher_gets_discrete_earlier_steps_of_the_same_noise(tiny_model):
     torch.testing.assert_close(tx, objective.interpolate(x0, noise, t_prime), rtol=0, atol=0)
     assert torch.equal(tt, t_prime.float())
     assert torch.isfinite(terms["sra"])
+
+
+def test_fp8_teacher_is_a_view_of_the_ema_and_gives_nearly_the_same_loss(setup):
+    model, ema, sra, objective, step = setup(teacher_precision="fp8")
+    teacher = sra.adapt_teacher(ema.model)
+    assert teacher is not ema.model
+    assert all(a is b for a, b in zip(teacher.parameters(), ema.model.parameters()))
+    plain = setup(teacher_precision="autocast")
+    assert plain[2].adapt_teacher(plain[1].model) is plain[1].model    # the others run the EMA itself
+    x0, y = batch()
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    _, fp8_terms = step(x0, y, teacher=teacher, generator=torch.Generator().manual_seed(0), autocast=autocast)
+    _, ref_terms = plain[4](x0, y, teacher=plain[1].model, generator=torch.Generator().manual_seed(0),
+                            autocast=autocast)
+    assert fp8_terms["sra"].item() == pytest.approx(ref_terms["sra"].item(), rel=0.05)
+    assert fp8_terms["sra"].item() != ref_terms["sra"].item()

@@ -77,6 +77,13 @@ class Regularizer(nn.Module):
     def needs_images(self) -> bool:
         return False
 
+    def adapt_teacher(self, teacher: nn.Module) -> nn.Module:
+        """The module the teacher forwards run on, built once from the EMA backbone (default: itself).
+
+        It must share the EMA's tensors, not copy them (e.g. SRA's fp8 view). There is one teacher
+        per run: with several teacher-using regularizers each adapts the previous one's result."""
+        return teacher
+
     def prepare(self, ctx: StepContext) -> None:
         """Optionally change the student's input (``ctx.x_t``, ``ctx.t``, ``ctx.attn_groups``)."""
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..models.fp8 import float8_view, fp8_unavailable_reason
 from .base import Progress, Regularizer, StepContext
 from .distances import get_distance
 
@@ -34,7 +35,9 @@ def preset_layers(preset: str, method: str = "SRA") -> tuple[int, int]:
     return LAYER_PRESETS[key]
 
 
-TEACHER_PRECISIONS = ("autocast", "fp32")
+# "autocast": as the student; "fp32": the released code; "fp8": as the student, with the blocks'
+# attention/MLP linears as row-scaled e4m3 matmuls (selfalign.models.fp8; Ada/Hopper GPUs, CPU).
+TEACHER_PRECISIONS = ("autocast", "fp32", "fp8")
 WEIGHT_SCHEDULES = ("constant", "official_decay")
 
 
@@ -50,7 +53,7 @@ class SRAConfig:
     decay_period: float = 1000.0    # official_decay: 1000 at 256 px, 800 at 512 px
     head: bool = True               # the paper's "no projection head" ablation sets False
     teacher_truncate: bool = True   # stop the teacher after block n (False: released code)
-    teacher_precision: str = "autocast"   # "autocast": as the student; "fp32": released code
+    teacher_precision: str = "autocast"   # "autocast" (as the student) | "fp32" (released) | "fp8"
     teacher_fraction: float = 1.0   # align only the first fraction of the batch (cheaper)
 
     @classmethod
@@ -106,6 +109,14 @@ class SRA(Regularizer):
     def needs_teacher(self):
         return True
 
+    def adapt_teacher(self, teacher: nn.Module) -> nn.Module:
+        if self.config.teacher_precision != "fp8":
+            return teacher
+        reason = fp8_unavailable_reason(next(teacher.parameters()).device)
+        if reason:
+            raise ValueError(f"sra.teacher_precision=fp8: {reason}; use sra.teacher_precision=autocast")
+        return float8_view(teacher)
+
     def weight(self, progress: Progress) -> float:
         c = self.config
         if c.weight_schedule == "constant" or progress.epoch <= c.decay_start_epoch:
@@ -119,8 +130,8 @@ class SRA(Regularizer):
         x0, noise, y, t = ctx.x0[:count], ctx.noise[:count], ctx.y[:count], ctx.t[:count]
         t_teacher = obj.earlier_time(t, c.k_max, ctx.generator)
         x_teacher = obj.interpolate(x0, noise, t_teacher)
-        precision = (ctx.autocast() if c.teacher_precision == "autocast"
-                     else torch.autocast(x0.device.type, enabled=False))
+        precision = (torch.autocast(x0.device.type, enabled=False) if c.teacher_precision == "fp32"
+                     else ctx.autocast())     # fp8: the linears are fp8 in the teacher module itself
         with torch.no_grad(), precision:
             _, feats = ctx.teacher(x_teacher, obj.model_time(t_teacher), y,
                                    taps=[c.teacher_layer], features_only=c.teacher_truncate)

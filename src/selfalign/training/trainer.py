@@ -116,8 +116,12 @@ class Trainer:
         # using the plain EMA module, whose other shapes would otherwise each cost a recompilation.
         if t.compile:
             model.compile()
-        self.teacher = ((torch.compile(self.ema.model) if t.compile else self.ema.model)
-                        if self.needs_teacher else None)
+        self.teacher = None
+        if self.needs_teacher:
+            teacher = self.ema.model
+            for regularizer in regularizers.values():   # e.g. SRA's fp8 view of the same tensors
+                teacher = regularizer.adapt_teacher(teacher)
+            self.teacher = torch.compile(teacher) if t.compile else teacher
         self.train_module = (DistributedDataParallel(self.step_module, device_ids=[device] if device.type == "cuda" else None)
                              if info.distributed else self.step_module)
         self.total_images = round(t.total_kimg * 1000)
