@@ -47,6 +47,9 @@ def trainer_check_lines(data: dict) -> None:
     print(f"\n== trainer check ({data['preset']} on {data['device']}): "
           + ("all checks passed" if not failed else f"FAILED: {', '.join(failed)}")
           + f"; trainer {_f(data.get('train_img_per_s_median'), '.0f')} img/s; seconds {data['seconds']}")
+    phases = data.get("img_per_s_median_by_phase")
+    if phases:
+        print("  img/s by phase (median window): " + ", ".join(f"{k} {_f(v, '.0f')}" for k, v in phases.items()))
     for record in data.get("eval_records", [])[-1:]:
         print("  last evaluation: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                for k, v in record.items() if k != "kind"))

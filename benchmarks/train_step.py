@@ -30,13 +30,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, matmul_tflops, pick_device, print_table, summary, timed, write_json  # noqa: E402
 from train_step_report import analyse, table_rows  # noqa: E402
-from train_step_rows import (BASE_ROWS, BATCH_CANDIDATES, NOT_DONE, PRESETS, SRA_RELEASED, SRA_SELFALIGN,  # noqa: E402
-                             TOGGLES, VANILLA, Preset, Variant, select_variants)
+from train_step_rows import (BASE_ROWS, BATCH_CANDIDATES, NOT_DONE, OPT_IN, PRESETS, SRA_RELEASED,  # noqa: E402
+                             SRA_SELFALIGN, TOGGLES, VANILLA, Preset, Variant, select_variants)
 
 from selfalign.ema import EMA  # noqa: E402
 from selfalign.flops import training_step_flops  # noqa: E402
 from selfalign.models.presets import backbone_config  # noqa: E402
 from selfalign.models.backbone import DiffusionTransformer  # noqa: E402
+from selfalign.models.fp8 import float8_view, fp8_unavailable_reason  # noqa: E402
 from selfalign.objectives import FlowObjective  # noqa: E402
 from selfalign.regularizers.sra import SRA, SRAConfig, projection_head  # noqa: E402
 from selfalign.training.step import TrainingStep  # noqa: E402
@@ -73,7 +74,9 @@ class Bench:
         self.generator = torch.Generator(device).manual_seed(0)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.steps: dict[tuple, TrainingStep] = {}
-        self.compiled: tuple[torch.nn.Module, torch.nn.Module] | None = None
+        self.compiled_students: dict[str, torch.nn.Module] = {}
+        self.compiled_teachers: dict[str, torch.nn.Module] = {}
+        self.fp8_teacher: torch.nn.Module | None = None
         self.batch = 0
 
     def set_batch(self, batch: int) -> None:
@@ -98,17 +101,31 @@ class Bench:
             self.optimizers[kind] = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0, **flags)
         return self.optimizers[kind]
 
-    def networks(self, compiled: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """(student, teacher): eager, or whole-model torch.compile with static shapes."""
-        if not compiled:
-            return self.model, self.ema.model
-        if self.compiled is None:
-            self.compiled = (torch.compile(self.model, dynamic=False),
-                             torch.compile(self.ema.model, dynamic=False))
-        return self.compiled[0], self.compiled[1] if compiled == "both" else self.ema.model
+    def teacher(self, precision: str) -> torch.nn.Module:
+        """The EMA backbone, or (fp8 rows) its fp8 view over the same tensors, built once."""
+        if precision != "fp8":
+            return self.ema.model
+        if self.fp8_teacher is None:
+            self.fp8_teacher = float8_view(self.ema.model)
+        return self.fp8_teacher
+
+    def networks(self, v: Variant) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(student, teacher) of row ``v``: eager, or whole-model torch.compile with static shapes."""
+        teacher = self.teacher(v.teacher_precision)
+        if not v.compile:
+            return self.model, teacher
+        if v.compile_mode not in self.compiled_students:
+            self.compiled_students[v.compile_mode] = torch.compile(self.model, dynamic=False, mode=v.compile_mode)
+        student = self.compiled_students[v.compile_mode]
+        if v.compile != "both":
+            return student, teacher
+        key = "fp8" if v.teacher_precision == "fp8" else "plain"
+        if key not in self.compiled_teachers:
+            self.compiled_teachers[key] = torch.compile(teacher, dynamic=False)
+        return student, self.compiled_teachers[key]
 
     def training_step(self, v: Variant) -> TrainingStep:
-        key = (v.kind, v.truncate, v.teacher_precision, v.teacher_fraction, bool(v.compile))
+        key = (v.kind, v.truncate, v.teacher_precision, v.teacher_fraction, bool(v.compile), v.compile_mode)
         if key not in self.steps:
             regularizers = {}
             if v.kind == "sra":
@@ -118,7 +135,7 @@ class Bench:
                 sra = SRA(config, self.config.hidden_size, self.config.depth)
                 sra.head = self.head        # one head for every row
                 regularizers["sra"] = sra
-            student, _ = self.networks(v.compile)
+            student, _ = self.networks(v)
             self.steps[key] = TrainingStep(student, self.objective, regularizers)
         return self.steps[key]
 
@@ -129,7 +146,7 @@ class Bench:
         host sync on the finiteness of loss and norm (the released code syncs as often: it logs
         ``loss.item()`` every step), AdamW, EMA.
         """
-        _, teacher = self.networks(v.compile)
+        _, teacher = self.networks(v)
         if v.kind == "teacher_only":
             with torch.no_grad(), sdpa_context(v.sdpa), self.autocast():
                 teacher(self.x_teacher, self.t_teacher, self.y, taps=[self.sra_config.teacher_layer],
@@ -156,7 +173,7 @@ class Bench:
         """A toggle that changes nothing here (fused AdamW is already the trainer's on CUDA)."""
         if v.base is None:
             return False
-        base = next(b for b in BASE_ROWS if b.name == v.base)
+        base = next(b for b in (*BASE_ROWS, *TOGGLES.values(), *OPT_IN.values()) if b.name == v.base)
         plain = lambda x: dataclasses.replace(x, name="", base=None, adam=self.adam_kind(x.adam))
         return plain(v) == plain(base)
 
@@ -213,9 +230,13 @@ def measure(bench: Bench, variants: list[Variant], preset: Preset, deadline: flo
     rows = {v.name: {"variant": dataclasses.asdict(v), "samples": [], "status": "ok",
                      "peak_gib": None, "step_gib": None} for v in variants}
     active = []
+    fp8_missing = fp8_unavailable_reason(bench.device)
     for v in variants:
         if time.monotonic() + (compile_reserve_s if v.compile else 0.0) > deadline:
             rows[v.name]["status"] = "skipped: not enough time budget left for its warm-up"
+            continue
+        if v.teacher_precision == "fp8" and fp8_missing:
+            rows[v.name]["status"] = f"skipped: {fp8_missing}"
             continue
         try:
             first = timed(lambda: bench.run(v), bench.device)
@@ -266,7 +287,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
     parser.add_argument("--batch", default=None, help="an integer or 'auto' (default: the preset's)")
     parser.add_argument("--max-batch", type=int, default=256, help="largest batch 'auto' tries")
-    parser.add_argument("--toggles", default=None, help="'all', 'none' or a comma list of " + ", ".join(TOGGLES))
+    parser.add_argument("--toggles", default=None, help="'all', 'none' or a comma list of " + ", ".join(TOGGLES)
+                        + "; only by name: " + ", ".join(OPT_IN))
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)

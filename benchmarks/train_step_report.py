@@ -52,6 +52,10 @@ def analyse(result: dict, config, teacher_layer: int) -> dict:
         if base and _ms(rows, name) and _ms(rows, base):
             toggles[name] = {"base": base, "speedup_vs_base": _ms(rows, base) / _ms(rows, name)}
     out["toggles"] = toggles
+    # the fp8 teacher (a cheaper teacher, not the same math: its quality is the convergence benchmark's)
+    out["fp8_teacher_speedup"] = {name: toggles[name]["speedup_vs_base"] for name in
+                                  ("sra_teacher_fp8", "teacher_only_fp8", "sra_compile_fp8", "teacher_only_compile_fp8")
+                                  if name in toggles}
     peak = rate["tflops_best"]     # the best of the timed matmuls: least disturbed by neighbours
     spec = result["environment"].get("spec_bf16_tflops")
     out["mfu"] = {name: {"vs_measured_matmul": row["achieved_tflops"] / peak,
@@ -94,7 +98,8 @@ def targets(a: dict, settings: dict, env: dict) -> list[dict]:
     # The H200 is the H100's chip (same SMs, clocks and bf16 tensor-core rate) with more, faster
     # memory; MFU is taken against the matmul rate measured on the card itself, so both count.
     hopper = any(name in env.get("device", "") for name in ("H100", "H200"))
-    mfu = {k: v["vs_measured_matmul"] for k, v in a["mfu"].items() if k in ("vanilla", "sra", "vanilla_compile", "sra_compile")}
+    mfu = {k: v["vs_measured_matmul"] for k, v in a["mfu"].items()
+           if k in ("vanilla", "sra", "vanilla_compile", "sra_compile", "vanilla_compile_max_autotune")}
     best = max(mfu.values()) if mfu else None
     found.append({
         "target": f"SiT-XL/2 bf16 training on an H100 (or H200): model FLOPs utilisation >= {MFU_TARGET:.0%}",
@@ -119,6 +124,9 @@ def summary_lines(a: dict) -> list[str]:
         f"released/vanilla {_fmt(a['released_over_vanilla'])}x; released/selfalign {_fmt(a['released_over_selfalign'])}x "
         f"(fastest selfalign row {a['fastest_selfalign_sra_row']}: {_fmt(a['released_over_fastest_selfalign'])}x)",
     ]
+    if a.get("fp8_teacher_speedup"):
+        lines.append("fp8 teacher, speed-up over the same row with the autocast teacher: " + ", ".join(
+            f"{name} {value:.2f}x" for name, value in a["fp8_teacher_speedup"].items()))
     for t in a["targets"]:
         if t.get("applies", True):
             state = "met" if t["met"] else f"MISSED by {_fmt(t['miss_by'], '.3f')}"

@@ -46,6 +46,7 @@ class Variant:
     adam: str = "trainer"               # "trainer" (fused on CUDA, else foreach), "fused",
                                         # "foreach" or "default" (torch's choice, the released code)
     compile: str = ""                   # "": eager; "student"; "both" (what train.compile does)
+    compile_mode: str = "default"       # torch.compile mode of the student
     grad_checkpointing: bool = False
     sdpa: str | None = None             # None: PyTorch picks the attention kernel
     base: str | None = None             # the row a toggle is compared with
@@ -59,8 +60,9 @@ TEACHER_ONLY = Variant("teacher_only", kind="teacher_only")
 BASE_ROWS = (VANILLA, SRA_SELFALIGN, SRA_RELEASED, TEACHER_ONLY)
 
 
-def _toggle(base: Variant, name: str, **change) -> Variant:
-    return dataclasses.replace(base, name=name, base=base.name, **change)
+def _toggle(source: Variant, name: str, **change) -> Variant:
+    """``source`` with one thing changed, compared with ``source`` unless ``change`` names a ``base``."""
+    return dataclasses.replace(source, name=name, **{"base": source.name, **change})
 
 
 TOGGLES = {v.name: v for v in (
@@ -73,6 +75,8 @@ TOGGLES = {v.name: v for v in (
     _toggle(SRA_SELFALIGN, "sra_ema_loop", ema_foreach=False),
     _toggle(SRA_SELFALIGN, "sra_full_teacher", truncate=False),
     _toggle(SRA_SELFALIGN, "sra_teacher_fp32", teacher_precision="fp32"),
+    _toggle(SRA_SELFALIGN, "sra_teacher_fp8", teacher_precision="fp8"),
+    _toggle(TEACHER_ONLY, "teacher_only_fp8", teacher_precision="fp8"),
     _toggle(SRA_SELFALIGN, "sra_grad_checkpointing", grad_checkpointing=True),
     _toggle(SRA_SELFALIGN, "sra_teacher_fraction_0.5", teacher_fraction=0.5),
     # compiled rows last, in this order: vanilla first (the MFU target is vanilla's, and a
@@ -82,13 +86,19 @@ TOGGLES = {v.name: v for v in (
     _toggle(SRA_SELFALIGN, "sra_compile", compile="both"),
     _toggle(SRA_SELFALIGN, "sra_compile_student", compile="student"),
     _toggle(TEACHER_ONLY, "teacher_only_compile", compile="both"),
+    # fp8 teacher compiled (the quantisation fuses into the neighbouring kernels), vs sra_compile
+    _toggle(SRA_SELFALIGN, "sra_compile_fp8", compile="both", teacher_precision="fp8", base="sra_compile"),
+    _toggle(TEACHER_ONLY, "teacher_only_compile_fp8", compile="both", teacher_precision="fp8",
+            base="teacher_only_compile"),
+)}
+# Rows only run when named (--toggles a,b): each costs minutes of compilation on a large model.
+OPT_IN = {v.name: v for v in (
+    # Triton GEMM templates autotuned against cuBLAS, epilogues fused into them: the MFU lever left
+    # (CUDA graphs would save launch overhead, which is < 1 % of a 200+ ms XL/2 step)
+    _toggle(VANILLA, "vanilla_compile_max_autotune", compile="student",
+            compile_mode="max-autotune-no-cudagraphs", base="vanilla_compile"),
 )}
 NOT_DONE = {
-    "teacher_fp8": "not done: an honest fp8 teacher needs scaled fp8 matmuls (torch._scaled_mm with "
-                   "per-tensor amax scaling, or torchao's Float8Linear) checked against the bf16 "
-                   "teacher's features on a Hopper card; no GPU was lent to the session that wrote "
-                   "this harness and torchao is not in the GPU image. Ceiling: see "
-                   "analysis.teacher_share_of_sra_flops (fp8 can at most halve that part's matmuls).",
     "cached_vs_online_vae": "measured by benchmarks/gpu/vae_encode.py (a separate script).",
 }
 
@@ -96,8 +106,9 @@ NOT_DONE = {
 def select_variants(spec: str) -> list[Variant]:
     if spec == "none":
         return list(BASE_ROWS)
+    known = {**TOGGLES, **OPT_IN}
     names = list(TOGGLES) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in TOGGLES]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise SystemExit(f"unknown toggle(s) {unknown}: choose from {list(TOGGLES)}, 'all' or 'none'")
-    return list(BASE_ROWS) + [TOGGLES[n] for n in names]
+        raise SystemExit(f"unknown toggle(s) {unknown}: choose from {list(known)}, 'all' or 'none'")
+    return list(BASE_ROWS) + [known[n] for n in names]

@@ -80,6 +80,8 @@ def arms(budget: Budget, gpu: bool) -> dict[str, tuple[str, tuple[str, ...], boo
         "sra_interval_0": (p["sra"], ("regularizers.sra.k_max=0",), True),
         # below the floor: the teacher (and the alignment loss) on the first half of the batch only
         "sra_teacher_fraction_0.5": (p["sra"], ("regularizers.sra.teacher_fraction=0.5",), True),
+        # below the floor: the teacher's block linears as row-scaled fp8 matmuls (selfalign.models.fp8)
+        "sra_teacher_fp8": (p["sra"], ("regularizers.sra.teacher_precision=fp8",), True),
         # EMA 0: the teacher is the current student. The trainer's EMA is also the evaluated model,
         # so vanilla with EMA 0 is the fair reference for this row.
         "sra_ema_0": (p["sra"], ("train.ema_decay=0",), True),

@@ -23,6 +23,8 @@ ABLATION_REFERENCES = {
     "sra_interval_0": ("sra", "U[0,0.2) better than fixed 0 (29.10 vs 31.07)"),
     "sra_teacher_fraction_0.5": ("sra", "not in the paper: selfalign's below-the-floor option, the teacher "
                                         "on half the batch (1.11x faster on SiT-XL/2, 1.16x on cpu-tiny)"),
+    "sra_teacher_fp8": ("sra", "not in the paper: selfalign's fp8 teacher (e4m3 block linears); "
+                               "should change nothing"),
     "sra_ema_0": ("vanilla_ema_0", "EMA 0.9999 better than EMA 0 (29.10 vs 35.71); here EMA 0 also "
                                    "changes the evaluated model, so its reference is vanilla with EMA 0"),
 }

@@ -16,12 +16,20 @@ set -u -o pipefail
 cd "$(dirname "$0")/../.."
 
 DRY=0
+STAGES="xl2,trainer_check,sampling,b2,vae"
 for arg in "$@"; do
   case "$arg" in
     --cpu-dry-run) DRY=1 ;;
-    *) echo "usage: $0 [--cpu-dry-run]" >&2; exit 2 ;;
+    --stages=*) STAGES="${arg#--stages=}" ;;
+    *) echo "usage: $0 [--cpu-dry-run] [--stages=xl2,trainer_check,sampling,b2,vae]" >&2; exit 2 ;;
   esac
 done
+wanted() { case ",$STAGES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+# The XL/2 rows and the two longest stages' budgets can be changed for a follow-up call, e.g. only
+# the fp8 and compiled rows (benchmarks/README.md, "GPU"):
+XL2_TOGGLES=${BENCH_XL2_TOGGLES:-all}
+XL2_BUDGET_S=${BENCH_XL2_BUDGET_S:-240}
+CHECK_BUDGET_S=${BENCH_CHECK_BUDGET_S:-140}
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results/gpu-run-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
@@ -56,9 +64,10 @@ stage() {  # stage NAME SOFT_BUDGET_S command...
 
 if [ "$DRY" -eq 1 ]; then
   echo "cpu dry run: tiny settings, every code path, numbers meaningless"
-  stage train_step_dry 600 python benchmarks/train_step.py --preset dry --device cpu --compile-reserve-s 0
-  stage trainer_check_dry 300 python benchmarks/gpu/trainer_check.py --cpu-dry-run
-  stage sampling_dry 120 python benchmarks/sampling.py --preset dry
+  wanted xl2 && stage train_step_dry 600 python benchmarks/train_step.py --preset dry --device cpu \
+    --compile-reserve-s 0 --toggles "$XL2_TOGGLES"
+  wanted trainer_check && stage trainer_check_dry 300 python benchmarks/gpu/trainer_check.py --cpu-dry-run
+  wanted sampling && stage sampling_dry 120 python benchmarks/sampling.py --preset dry
 else
   if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "no CUDA device visible to torch: run on a GPU machine, or pass --cpu-dry-run" >&2
@@ -67,14 +76,17 @@ else
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv 2>&1 \
     | tee -a "$LOG" || true
   # most wanted first: the XL/2 targets, then the trainer's first real CUDA run
-  stage train_step_xl2 240 python benchmarks/train_step.py --preset gpu-xl2 --max-batch 128 --compile-reserve-s 100
-  stage trainer_check 140 python benchmarks/gpu/trainer_check.py
-  stage sampling_xl2 40 python benchmarks/sampling.py --preset gpu-xl2
-  stage train_step_b2 60 python benchmarks/train_step.py --preset gpu-b2 --compile-reserve-s 30
+  wanted xl2 && stage train_step_xl2 "$XL2_BUDGET_S" python benchmarks/train_step.py --preset gpu-xl2 \
+    --max-batch 128 --compile-reserve-s 100 --toggles "$XL2_TOGGLES"
+  wanted trainer_check && stage trainer_check "$CHECK_BUDGET_S" python benchmarks/gpu/trainer_check.py
+  wanted sampling && stage sampling_xl2 40 python benchmarks/sampling.py --preset gpu-xl2
+  wanted b2 && stage train_step_b2 60 python benchmarks/train_step.py --preset gpu-b2 --compile-reserve-s 30
 fi
 
 # Cached latents vs online VAE encoding: another script, run only where it can run.
-if [ ! -f benchmarks/gpu/vae_encode.py ]; then
+if ! wanted vae; then
+  :
+elif [ ! -f benchmarks/gpu/vae_encode.py ]; then
   echo "== vae_encode: skipped, benchmarks/gpu/vae_encode.py is not in this checkout" | tee -a "$LOG"
 elif ! python -c "import diffusers" > /dev/null 2>&1; then
   echo "== vae_encode: skipped, diffusers is not importable here (no network installs; the device tool can carry its wheel)" | tee -a "$LOG"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,10 +30,10 @@ from common import environment, pick_device, write_json  # noqa: E402
 from selfalign.training.metrics import read_metrics  # noqa: E402
 
 
-def run(cmd: list[str], log: list[str], timeout: float) -> tuple[int, float]:
+def run(cmd: list[str], log: list[str], timeout: float, env: dict | None = None) -> tuple[int, float]:
     began = time.perf_counter()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1.0))
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1.0), env=env)
         code, text = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as err:
         code, text = 124, f"timed out after {timeout:.0f}s\n{err.stdout or ''}{err.stderr or ''}"
@@ -44,6 +45,12 @@ def run(cmd: list[str], log: list[str], timeout: float) -> tuple[int, float]:
 
 def records(run_dir: Path, kind: str) -> list[dict]:
     return [r for r in read_metrics(run_dir) if r.get("kind") == kind]
+
+
+def median_rate(train_records: list[dict]) -> float | None:
+    """Median images/s of a run's log windows, the first left out (it holds the compilation)."""
+    speeds = sorted(r["img_per_s"] for r in train_records[1:] if r.get("img_per_s"))
+    return speeds[len(speeds) // 2] if speeds else None
 
 
 def main(argv=None) -> int:
@@ -99,18 +106,42 @@ def main(argv=None) -> int:
             checks["samples_shape_and_range"] = bool(images.shape[0] == n_samples and images.dtype == np.uint8
                                                      and images.std() > 0)
         evals = records(run_dir, "eval")
-    speeds = [r["img_per_s"] for r in all_records[1:] if r.get("img_per_s")]   # first window: compile
+        # Diagnosis, not a check: the resumed run was 35 % slower than the first on an H200
+        # (results/gpu-NVIDIA-H200-20261126). A fresh run in the now warm compile cache, and a resume
+        # that cannot use that cache, tell "after a resume" apart from "in a second process".
+        controls = {}
+        for name, extra, env in (
+                ("fresh_warm_cache", ["--set", f"train.total_kimg={half}"], {}),
+                ("resume_no_compile_cache", ["--set", f"train.total_kimg={longer + half}", "--resume", "auto"],
+                 {"TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"})):
+            if left() < (10 if dry else 75):
+                controls[name] = {"status": "skipped: time budget"}
+                continue
+            control_dir = Path(tmp) / name
+            if extra[-2:] == ["--resume", "auto"]:
+                shutil.copytree(run_dir / "checkpoints", control_dir / "checkpoints")
+            args_ = [a if a != str(run_dir) else str(control_dir) for a in common]
+            code, seconds = run(cli + ["train", preset, *args_, *extra], log, left(),
+                                env={**os.environ, "TORCH_LOGS": "recompiles", **env})
+            control = records(control_dir, "train")
+            controls[name] = {"status": "ok" if code == 0 else f"exit {code}", "seconds": round(seconds, 1),
+                              "img_per_s_median": median_rate(control), "records": len(control)}
     data = {
         "benchmark": "trainer_check", "preset": preset, "device": environment(device)["device"],
         "dry_run": dry, "overrides": common[2:], "kimg_first_run": kimg, "kimg_after_resume": longer,
         "checks": checks, "all_passed": all(checks.values()),
         "seconds": {"train": round(first_s, 1), "resume": round(resume_s, 1), f"sample_{n_samples}": round(sample_s, 1)},
-        "train_img_per_s_median": sorted(speeds)[len(speeds) // 2] if speeds else None,
+        "train_img_per_s_median": median_rate(all_records),
+        "img_per_s_median_by_phase": {"first_run": median_rate(first_records),
+                                      "after_resume": median_rate(all_records[len(first_records):]),
+                                      **{k: v.get("img_per_s_median") for k, v in controls.items()}},
+        "controls": controls,
         "first_run_records": len(first_records), "train_records": all_records, "eval_records": evals,
         "environment": environment(device), "log_tail": log,
     }
     path = write_json(data, args.out, "trainer_check.json" if not dry else "trainer_check_dry.json")
-    print(f"checks: {checks}\nimg/s (median of the trainer's windows): {data['train_img_per_s_median']}")
+    print(f"checks: {checks}\nimg/s (median of the trainer's windows): {data['train_img_per_s_median']}; "
+          f"by phase: {data['img_per_s_median_by_phase']}")
     print(f"wrote {path}")
     return 0 if data["all_passed"] else 1
 
