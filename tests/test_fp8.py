@@ -64,6 +64,8 @@ def test_view_converts_the_block_linears_only(tiny_model):
         assert type(block.adaLN_modulation[1]) is nn.Linear      # one row per image: stays
     assert type(view.final_layer.linear) is nn.Linear and type(view.t_embedder.mlp[0]) is nn.Linear
     assert not any(isinstance(m, Float8Linear) for m in model.modules())   # the source is untouched
+    model.compile()      # in place: the view must run its own forward, not the source's compiled one
+    assert float8_view(model)._compiled_call_impl is None
     # sizes _scaled_mm cannot take (not multiples of 16) stay in the caller's precision
     odd = float8_view(tiny_model("SiT-T/2", hidden_size=40, num_heads=2))
     assert type(odd.blocks[0].attn.qkv) is nn.Linear

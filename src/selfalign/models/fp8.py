@@ -94,6 +94,8 @@ def float8_view(model: nn.Module) -> nn.Module:
     """
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     view = copy.deepcopy(model, shared)     # the memo makes deepcopy reuse every tensor
+    # model.compile() stores a compiled bound method of the *source*: the view must not call it
+    view._compiled_call_impl = None
     for block in view.blocks:
         for name, module in list(block.named_modules()):
             if (isinstance(module, nn.Linear) and not name.startswith("adaLN_modulation")
