@@ -157,9 +157,10 @@ class Bench:
         self.ema.foreach = v.ema_foreach
         try:
             with sdpa_context(v.sdpa):
-                total, _ = step(self.x0, self.y, teacher=teacher if v.kind == "sra" else None,
-                                generator=self.generator, autocast=self.autocast)
-                total.backward()
+                for _ in range(v.micro_batches):
+                    total, _ = step(self.x0, self.y, teacher=teacher if v.kind == "sra" else None,
+                                    generator=self.generator, autocast=self.autocast)
+                    (total / v.micro_batches).backward()
             norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
             if not torch.stack([torch.isfinite(total), torch.isfinite(norm)]).all().item():
                 raise FloatingPointError("non-finite loss or gradient norm")
@@ -177,14 +178,17 @@ class Bench:
         plain = lambda x: dataclasses.replace(x, name="", base=None, adam=self.adam_kind(x.adam))
         return plain(v) == plain(base)
 
+    def images_per_step(self, v: Variant) -> int:
+        return self.batch * v.micro_batches
+
     def flops_per_step(self, v: Variant) -> float:
-        """Useful model FLOPs of one step of ``v`` for the whole batch (see selfalign.flops)."""
+        """Useful model FLOPs of one step of ``v`` for all its images (see selfalign.flops)."""
         n = self.sra_config.teacher_layer
         if v.kind == "teacher_only":
             return self.batch * training_step_flops(self.config, teacher_layer=n)["teacher"]
         layer = n if v.kind == "sra" else None
-        return self.batch * training_step_flops(self.config, teacher_layer=layer,
-                                                teacher_fraction=v.teacher_fraction)["total"]
+        return self.images_per_step(v) * training_step_flops(self.config, teacher_layer=layer,
+                                                             teacher_fraction=v.teacher_fraction)["total"]
 
     def cleanup(self) -> None:
         for opt in self.optimizers.values():
@@ -276,7 +280,7 @@ def measure(bench: Bench, variants: list[Variant], preset: Preset, deadline: flo
         row.update(summary(row["samples"]))
         row["samples_ms"] = [round(s * 1e3, 3) for s in row.pop("samples")]
         if row.get("median_ms"):
-            row["images_per_s"] = bench.batch / (row["median_ms"] / 1e3)
+            row["images_per_s"] = bench.images_per_step(v) / (row["median_ms"] / 1e3)
             row["model_tflops_per_step"] = bench.flops_per_step(v) / 1e12
             row["achieved_tflops"] = row["model_tflops_per_step"] / (row["median_ms"] / 1e3)
     return rows

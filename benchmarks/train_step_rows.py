@@ -47,6 +47,8 @@ class Variant:
                                         # "foreach" or "default" (torch's choice, the released code)
     compile: str = ""                   # "": eager; "student"; "both" (what train.compile does)
     compile_mode: str = "default"       # torch.compile mode of the student
+    micro_batches: int = 1              # forward/backward passes of `batch` images per optimizer step
+                                        # (gradient accumulation, as train.micro_batch does)
     grad_checkpointing: bool = False
     sdpa: str | None = None             # None: PyTorch picks the attention kernel
     base: str | None = None             # the row a toggle is compared with
@@ -83,6 +85,9 @@ TOGGLES = {v.name: v for v in (
     # compile that overruns the budget then costs the SRA rows, not it); sra_compile compiles
     # the student with its tap and the teacher; the last two reuse those graphs
     _toggle(VANILLA, "vanilla_compile", compile="student"),
+    # the paper's global batch on one card at twice the batch that fits: two micro-batches per
+    # optimizer step halve the optimizer/EMA/clipping share (reuses vanilla_compile's graph)
+    _toggle(VANILLA, "vanilla_compile_accum2", compile="student", micro_batches=2, base="vanilla_compile"),
     _toggle(SRA_SELFALIGN, "sra_compile", compile="both"),
     _toggle(SRA_SELFALIGN, "sra_compile_student", compile="student"),
     _toggle(TEACHER_ONLY, "teacher_only_compile", compile="both"),
