@@ -50,6 +50,13 @@ def trainer_check_lines(data: dict) -> None:
     phases = data.get("img_per_s_median_by_phase")
     if phases:
         print("  img/s by phase (median window): " + ", ".join(f"{k} {_f(v, '.0f')}" for k, v in phases.items()))
+    accuracy = data.get("fp8_teacher_accuracy") or {}
+    if "fp8_bf16_autocast" in accuracy:
+        fp8, bf16 = accuracy["fp8_bf16_autocast"]["all"], accuracy["bf16_autocast"]["all"]
+        print(f"  fp8 teacher targets vs fp32 on the trained model: relative error {fp8['relative_error']:.4f} "
+              f"(bf16 {bf16['relative_error']:.4f}), token cosine {fp8['cosine_mean']:.5f}")
+    elif accuracy:
+        print(f"  fp8 teacher accuracy: {accuracy.get('status')}")
     for record in data.get("eval_records", [])[-1:]:
         print("  last evaluation: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                for k, v in record.items() if k != "kind"))

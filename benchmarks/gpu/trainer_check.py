@@ -5,7 +5,11 @@ The training-step benchmark times the step in isolation; this runs what a user r
 preset (SiT-S/2, bf16, fused AdamW, TF32) plus ``train.compile=true``: a first run with a
 checkpoint half way, a resume that must continue from it to a longer total, then class-balanced
 sampling with guidance. It records whether each part worked, its seconds, the trainer's own
-images/s and losses, and the in-loop evaluation; the JSON says which checks failed.
+images/s and losses, and the in-loop evaluation; the JSON says which checks failed. Then, as
+measurements rather than checks, while the time budget lasts: the fp8 teacher's targets against
+fp32 ones on the model just trained (``benchmarks/fp8_teacher_accuracy.py``), and three short runs
+in the same settings: with ``sra.teacher_precision=fp8``, a fresh one in the warm compile cache,
+and a resume without the compile cache (``img_per_s_median_by_phase`` compares them).
 
 Needs the Fashion-MNIST IDX files: ``$SELFALIGN_FASHION_MNIST`` or the Debian package's folder.
 
@@ -15,6 +19,7 @@ Needs the Fashion-MNIST IDX files: ``$SELFALIGN_FASHION_MNIST`` or the Debian pa
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -27,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # benchmarks/common.py
 from common import environment, pick_device, write_json  # noqa: E402
 
+from selfalign.models.fp8 import fp8_unavailable_reason  # noqa: E402
 from selfalign.training.metrics import read_metrics  # noqa: E402
 
 
@@ -106,14 +112,30 @@ def main(argv=None) -> int:
             checks["samples_shape_and_range"] = bool(images.shape[0] == n_samples and images.dtype == np.uint8
                                                      and images.std() > 0)
         evals = records(run_dir, "eval")
-        # Diagnosis, not a check: the resumed run was 35 % slower than the first on an H200
-        # (results/gpu-NVIDIA-H200-20261126). A fresh run in the now warm compile cache, and a resume
-        # that cannot use that cache, tell "after a resume" apart from "in a second process".
+        # Not checks, measurements. fp8: how far the fp8 teacher's targets are from fp32 ones on the
+        # model just trained (the CUDA kernel's numerics), and the real trainer with that teacher.
+        fp8_missing = fp8_unavailable_reason(device)
+        fp8_accuracy = {"status": f"skipped: {fp8_missing}"} if fp8_missing else None
+        if fp8_accuracy is None:
+            accuracy_json = Path(tmp) / "fp8_accuracy.json"
+            code, _ = run([sys.executable, str(Path(__file__).resolve().parents[1] / "fp8_teacher_accuracy.py"),
+                           str(run_dir), "--device", device.type, "--images", "256", "--out", str(accuracy_json)],
+                          log, left())
+            fp8_accuracy = (json.loads(accuracy_json.read_text())["rows"] if code == 0 and accuracy_json.is_file()
+                            else {"status": f"exit {code}"})
+        # The resumed run was 35 % slower than the first on an H200 (results/gpu-NVIDIA-H200-20261126):
+        # a fresh run in the now warm compile cache, and a resume that cannot use that cache, tell
+        # "after a resume" apart from "in a second process".
         controls = {}
         for name, extra, env in (
+                ("fp8_teacher", ["--set", f"train.total_kimg={half}",
+                                 "--set", "regularizers.sra.teacher_precision=fp8"], {}),
                 ("fresh_warm_cache", ["--set", f"train.total_kimg={half}"], {}),
                 ("resume_no_compile_cache", ["--set", f"train.total_kimg={longer + half}", "--resume", "auto"],
                  {"TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"})):
+            if name == "fp8_teacher" and fp8_missing:
+                controls[name] = {"status": f"skipped: {fp8_missing}"}
+                continue
             if left() < (10 if dry else 75):
                 controls[name] = {"status": "skipped: time budget"}
                 continue
@@ -135,7 +157,7 @@ def main(argv=None) -> int:
         "img_per_s_median_by_phase": {"first_run": median_rate(first_records),
                                       "after_resume": median_rate(all_records[len(first_records):]),
                                       **{k: v.get("img_per_s_median") for k, v in controls.items()}},
-        "controls": controls,
+        "controls": controls, "fp8_teacher_accuracy": fp8_accuracy,
         "first_run_records": len(first_records), "train_records": all_records, "eval_records": evals,
         "environment": environment(device), "log_tail": log,
     }
