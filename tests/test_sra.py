@@ -350,3 +350,12 @@ def test_fp8_teacher_is_a_view_of_the_ema_and_gives_nearly_the_same_loss(setup):
                             autocast=autocast)
     assert fp8_terms["sra"].item() == pytest.approx(ref_terms["sra"].item(), rel=0.05)
     assert fp8_terms["sra"].item() != ref_terms["sra"].item()
+
+
+def test_fp8_teacher_on_a_device_without_fp8_is_a_one_line_error(setup, monkeypatch):
+    import selfalign.regularizers.sra as sra_module
+    model, ema, sra, objective, step = setup(teacher_precision="fp8")
+    monkeypatch.setattr(sra_module, "fp8_unavailable_reason",
+                        lambda device: "Tesla V100 has compute capability 7.0; fp8 matmuls need 8.9 or newer")
+    with pytest.raises(ValueError, match=r"^sra.teacher_precision=fp8: Tesla V100 .*use sra.teacher_precision=autocast$"):
+        sra.adapt_teacher(ema.model)
