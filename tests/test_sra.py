@@ -350,6 +350,8 @@ def test_fp8_teacher_is_a_view_of_the_ema_and_gives_nearly_the_same_loss(setup):
                             autocast=autocast)
     assert fp8_terms["sra"].item() == pytest.approx(ref_terms["sra"].item(), rel=0.05)
     assert fp8_terms["sra"].item() != ref_terms["sra"].item()
+    with pytest.raises(RuntimeError, match="adapt_teacher"):     # the EMA itself would silently be bf16
+        step(x0, y, teacher=ema.model, generator=torch.Generator().manual_seed(0), autocast=autocast)
 
 
 def test_fp8_teacher_on_a_device_without_fp8_is_a_one_line_error(setup, monkeypatch):

@@ -140,6 +140,9 @@ class SRA(Regularizer):
     def loss(self, ctx: StepContext) -> torch.Tensor:
         if ctx.teacher is None:
             raise RuntimeError("SRA needs the EMA teacher in the step context")
+        if self.config.teacher_precision == "fp8" and not getattr(ctx.teacher, "is_float8_view", False):
+            raise RuntimeError("sra.teacher_precision=fp8: pass sra.adapt_teacher(ema.model) as the teacher "
+                               "(the trainer does), not the EMA model itself")
         count = max(1, math.ceil(self.config.teacher_fraction * ctx.x0.shape[0]))
         target = self.teacher_features(ctx, count)
         with ctx.autocast():
