@@ -107,5 +107,7 @@ def test_fp8_needs_a_recent_gpu(monkeypatch):
     assert "7.0" in fp8_unavailable_reason("cuda") and "8.9" in fp8_unavailable_reason("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert fp8_unavailable_reason("cuda") is None
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert "ROCm" in fp8_unavailable_reason("cuda")
     monkeypatch.delattr(torch, "_scaled_mm")
     assert "no torch._scaled_mm" in fp8.fp8_unavailable_reason("cpu")

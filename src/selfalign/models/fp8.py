@@ -31,6 +31,8 @@ def fp8_unavailable_reason(device: torch.device | str) -> str | None:
     device = torch.device(device)
     if not hasattr(torch, "_scaled_mm"):
         return f"this PyTorch ({torch.__version__}) has no torch._scaled_mm"
+    if device.type == "cuda" and torch.version.hip:
+        return "ROCm GPUs use the e4m3fnuz format, which this view does not implement"
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
         if capability < MIN_CAPABILITY:
