@@ -70,8 +70,8 @@ def main(argv=None) -> int:
 
     layer, rows = sra.teacher_layer, {}
     exact = block_tokens(model, x_teacher, t_model, y, layer, autocast=False)
-    candidates = {"bf16_autocast": (model, True), "fp8_bf16_autocast": (float8_view(model), True),
-                  "fp8_fp32_rest": (float8_view(model), False)}
+    view = float8_view(model)
+    candidates = {"bf16_autocast": (model, True), "fp8_bf16_autocast": (view, True), "fp8_fp32_rest": (view, False)}
     for name, (net, autocast) in candidates.items():
         tokens = block_tokens(net, x_teacher, t_model, y, layer, autocast)
         rows[name] = {"all": compare(tokens, exact, torch.ones_like(t_teacher, dtype=torch.bool))}

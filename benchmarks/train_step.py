@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, matmul_tflops, pick_device, print_table, summary, timed, write_json  # noqa: E402
 from train_step_report import analyse, table_rows  # noqa: E402
-from train_step_rows import (BASE_ROWS, BATCH_CANDIDATES, NOT_DONE, OPT_IN, PRESETS, SRA_RELEASED,  # noqa: E402
-                             SRA_SELFALIGN, TOGGLES, VANILLA, Preset, Variant, select_variants)
+from train_step_rows import (BASE_ROWS, BATCH_CANDIDATES, NOT_DONE, OPT_IN, PRESETS, ROWS,  # noqa: E402
+                             SRA_RELEASED, SRA_SELFALIGN, TOGGLES, VANILLA, Preset, Variant, select_variants)
 
 from selfalign.ema import EMA  # noqa: E402
 from selfalign.flops import training_step_flops  # noqa: E402
@@ -174,7 +174,7 @@ class Bench:
         """A toggle that changes nothing here (fused AdamW is already the trainer's on CUDA)."""
         if v.base is None:
             return False
-        base = next(b for b in (*BASE_ROWS, *TOGGLES.values(), *OPT_IN.values()) if b.name == v.base)
+        base = ROWS[v.base]
         plain = lambda x: dataclasses.replace(x, name="", base=None, adam=self.adam_kind(x.adam))
         return plain(v) == plain(base)
 

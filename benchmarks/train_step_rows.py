@@ -103,6 +103,7 @@ OPT_IN = {v.name: v for v in (
     _toggle(VANILLA, "vanilla_compile_max_autotune", compile="student",
             compile_mode="max-autotune-no-cudagraphs", base="vanilla_compile"),
 )}
+ROWS = {v.name: v for v in (*BASE_ROWS, *TOGGLES.values(), *OPT_IN.values())}   # every row by name
 NOT_DONE = {
     "cached_vs_online_vae": "measured by benchmarks/gpu/vae_encode.py (a separate script).",
 }
@@ -111,7 +112,7 @@ NOT_DONE = {
 def select_variants(spec: str) -> list[Variant]:
     if spec == "none":
         return list(BASE_ROWS)
-    known = {**TOGGLES, **OPT_IN}
+    known = {name: v for name, v in ROWS.items() if v.base}     # the toggles: rows with a base
     names = list(TOGGLES) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [n for n in names if n not in known]
     if unknown:

@@ -128,11 +128,11 @@ def main(argv=None) -> int:
         # "after a resume" apart from "in a second process". The fp8 run is compared with the fresh
         # one (both later processes), not with the first run.
         controls = {}
-        for name, extra, env in (
-                ("fresh_warm_cache", ["--set", f"train.total_kimg={half}"], {}),
-                ("fp8_teacher", ["--set", f"train.total_kimg={half}",
-                                 "--set", "regularizers.sra.teacher_precision=fp8"], {}),
-                ("resume_no_compile_cache", ["--set", f"train.total_kimg={longer + half}", "--resume", "auto"],
+        for name, resume, extra, env in (
+                ("fresh_warm_cache", False, ["--set", f"train.total_kimg={half}"], {}),
+                ("fp8_teacher", False, ["--set", f"train.total_kimg={half}",
+                                        "--set", "regularizers.sra.teacher_precision=fp8"], {}),
+                ("resume_no_compile_cache", True, ["--set", f"train.total_kimg={longer + half}"],
                  {"TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"})):
             if name == "fp8_teacher" and fp8_missing:
                 controls[name] = {"status": f"skipped: {fp8_missing}"}
@@ -141,8 +141,9 @@ def main(argv=None) -> int:
                 controls[name] = {"status": "skipped: time budget"}
                 continue
             control_dir = Path(tmp) / name
-            if extra[-2:] == ["--resume", "auto"]:
+            if resume:      # from the main run's checkpoints, in a directory of its own
                 shutil.copytree(run_dir / "checkpoints", control_dir / "checkpoints")
+                extra = [*extra, "--resume", "auto"]
             control_args = [str(control_dir) if a == str(run_dir) else a for a in common]
             code, seconds = run(cli + ["train", preset, *control_args, *extra], log, left(),
                                 env={**os.environ, "TORCH_LOGS": "recompiles", **env})
