@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from selfalign.config import load_config
+from selfalign.config.experiment import load_config
 from selfalign.training import checkpoint as ckpt_io
 from selfalign.training.trainer import TrainingStopped, train
 

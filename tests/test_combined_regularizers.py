@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from selfalign.config import PRESET_DIR, load_config
+from selfalign.config.experiment import PRESET_DIR, load_config
 from selfalign.ema import EMA
 from selfalign.evaluation.classifier import FashionClassifier
 from selfalign.models.backbone import DiffusionTransformer

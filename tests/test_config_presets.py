@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from selfalign.config import (ExperimentConfig, load_config, preset_names, resume_mismatch, save_config)
-from selfalign.configuration import ConfigError
+from selfalign.config.experiment import (ExperimentConfig, load_config, preset_names, resume_mismatch, save_config)
+from selfalign.config.loader import ConfigError
 
 PAPER_LAYERS = {"SiT-B/2": (3, 8), "SiT-L/2": (6, 16), "SiT-XL/2": (8, 20),
                 "DiT-B/2": (3, 7), "DiT-L/2": (6, 14), "DiT-XL/2": (8, 16)}

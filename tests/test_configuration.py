@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from selfalign.configuration import (ConfigError, apply_overrides, from_dict, load_yaml,
+from selfalign.config.loader import (ConfigError, apply_overrides, from_dict, load_yaml,
                                      parse_override, to_dict)
 
 

@@ -123,7 +123,7 @@ def test_step_batches_resume_mid_stream():
 
 
 def test_build_dataset_from_config():
-    from selfalign.config import load_config
+    from selfalign.config.experiment import load_config
     config = load_config({"model": {"preset": "SiT-T/4"}})
     data = build_dataset(config.data, "test")
     assert isinstance(data, FashionMNIST) and len(data) == 10000

@@ -14,7 +14,7 @@ def test_demo_runs_differ_only_in_their_regularizers():
         d.pop("regularizers")
         d.pop("name")
     assert all(d == dicts[0] for d in dicts)
-    from selfalign.config import load_config
+    from selfalign.config.experiment import load_config
     assert set(configs[0][1].regularizers) == set() and "sra" in configs[1][1].regularizers
     for run, config in configs:       # each run's regularizers are exactly its preset's
         assert config.regularizers == load_config(run.preset).regularizers

@@ -74,7 +74,7 @@ def test_indomain_metrics_separate_real_images_from_noise(test_split, isolated_c
 
 def test_training_eval_on_a_tiny_model_is_deterministic(isolated_cache):
     from conftest import randomize_zero_init
-    from selfalign.config import load_config
+    from selfalign.config.experiment import load_config
     from selfalign.models.backbone import DiffusionTransformer
     from selfalign.objectives import build_objective
     from selfalign.evaluation.training_eval import evaluate

@@ -50,7 +50,7 @@ def test_pca_rgb_maps_tokens_to_colours():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     from conftest import randomize_zero_init
-    from selfalign.config import load_config
+    from selfalign.config.experiment import load_config
     from selfalign.models.backbone import DiffusionTransformer
     from selfalign.training.checkpoint import save_checkpoint
 

@@ -130,7 +130,7 @@ def test_truncated_or_corrupted_shards_are_named(prepared, tmp_path):
 
 
 def test_config_checks(prepared, tmp_path):
-    from selfalign.config import DataConfig
+    from selfalign.config.experiment import DataConfig
     _, _, out = prepared
     ds = build_latent_dataset(DataConfig(kind="latents", path=str(out["safetensors"]), resolution=SIZE, hflip=True))
     assert len(ds) == 12

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from selfalign.configuration import ConfigError, from_dict
+from selfalign.config.loader import ConfigError, from_dict
 from selfalign.objectives import (DDPMConfig, DDPMObjective, FlowConfig, FlowObjective,
                                   ObjectiveConfig, build_objective, space_timesteps)
 from selfalign.objectives.ddpm import discretized_gaussian_log_likelihood, normal_kl

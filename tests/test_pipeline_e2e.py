@@ -16,7 +16,7 @@ from PIL import Image
 pytest.importorskip("diffusers")
 
 from selfalign.cli import main
-from selfalign.config import load_config
+from selfalign.config.experiment import load_config
 from selfalign.pipeline.vae import LatentVAE, tiny_vae_config
 from selfalign.sampling import SamplerConfig, sample
 from selfalign.training.checkpoint import load_for_inference

@@ -127,7 +127,7 @@ def files(tmp_path_factory):
     """Shared inputs: bad YAML files, a tiny config, a trained 2-step run and its checkpoint."""
     import yaml
 
-    from selfalign.config import load_config
+    from selfalign.config.experiment import load_config
     from selfalign.training.trainer import train
 
     base = tmp_path_factory.mktemp("inputs")

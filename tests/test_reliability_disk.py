@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from selfalign.config import load_config
+from selfalign.config.experiment import load_config
 from selfalign.training import checkpoint as ckpt_io
 from selfalign.training.trainer import TrainingStopped, train
 from conftest import load_kill_harness

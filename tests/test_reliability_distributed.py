@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from selfalign.config import load_config
+from selfalign.config.experiment import load_config
 from selfalign.training.checkpoint import list_checkpoints
 from selfalign.training.trainer import train
 from conftest import load_kill_harness

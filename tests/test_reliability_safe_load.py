@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from selfalign.cli import main
-from selfalign.config import load_config
+from selfalign.config.experiment import load_config
 from selfalign.training import checkpoint as ckpt_io
 from selfalign.training.trainer import train
 from conftest import load_kill_harness

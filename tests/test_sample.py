@@ -16,7 +16,7 @@ from selfalign.evaluation.generate import (SamplePlan, generate_shards, make_dra
 def checkpoint(tmp_path_factory):
     """A tiny Fashion-MNIST SiT (32 px, patch 8) saved as a selfalign checkpoint."""
     from conftest import randomize_zero_init
-    from selfalign.config import load_config
+    from selfalign.config.experiment import load_config
     from selfalign.models.backbone import DiffusionTransformer
     from selfalign.training.checkpoint import save_checkpoint
 

@@ -351,7 +351,7 @@ def test_deterministic_given_a_generator(config, kind):
     ({"last_step": 0.0}, "sampler.last_step must be in (0, 1)"),
 ])
 def test_config_errors_are_one_line(overrides, message):
-    from selfalign.configuration import ConfigError, from_dict
+    from selfalign.config.loader import ConfigError, from_dict
     with pytest.raises(ConfigError) as err:
         from_dict(SamplerConfig, overrides, "sampler")
     assert message in str(err.value) and "\n" not in str(err.value)

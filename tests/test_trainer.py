@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from selfalign.cli import main
-from selfalign.config import load_config
+from selfalign.config.experiment import load_config
 from selfalign.training.checkpoint import latest_checkpoint, list_checkpoints, load_for_inference
 from selfalign.training.metrics import read_metrics
 from selfalign.training.trainer import TrainingStopped, train

@@ -35,7 +35,7 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    from selfalign.config import load_config
+    from selfalign.config.experiment import load_config
     from selfalign.training.trainer import train
 
     seen, holder = [], {}

@@ -1,14 +1,19 @@
 """The ``selfalign`` command line: a thin dispatcher over :mod:`selfalign.commands`.
 
 Each command module exposes ``add_parser(subparsers)`` (which sets ``func``) and is imported only
-when listed here, so ``selfalign models`` does not pay for importing the trainer. Bad input ends
-with one line on stderr and exit code 2, never a traceback.
+when listed here, so ``selfalign models`` does not pay for importing the trainer. A user's mistake
+(:class:`~selfalign.errors.SelfalignError`) ends with one line on stderr and exit code 2; any other
+exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import traceback
+
+from .errors import SelfalignError
+
 
 # One line per command module; each registers one or more subcommands.
 COMMAND_MODULES = [
@@ -20,10 +25,6 @@ COMMAND_MODULES = [
     "selfalign.commands.sample",
     "selfalign.commands.evaluate",
 ]
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,16 +40,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except (UsageError, ValueError, FileNotFoundError) as err:
-        # Configuration, data and checkpoint problems raise these with a message that already
-        # says what is wrong and how to fix it.
+    except (SelfalignError, ValueError, FileNotFoundError) as err:   # narrowed to SelfalignError once every user error raises one
+        # A user's mistake (config, flag, data, checkpoint, path): the message already says what
+        # is wrong and how to fix it.
         print(f"selfalign {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"selfalign {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        # Anything else is a bug in selfalign: keep the traceback, and ask for it.
+        traceback.print_exc()
+        print(f"selfalign {args.command}: internal error (a bug in selfalign, not in your input); "
+              f"please report it with the traceback above", file=sys.stderr)
+        return 1
     return int(result or 0)
-
 
 if __name__ == "__main__":
     sys.exit(main())

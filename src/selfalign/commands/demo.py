@@ -72,7 +72,7 @@ def plan_from_args(args) -> Plan:
 
 def run_configs(plan: Plan, device: str, progress_bar: bool):
     """One config per run: identical overrides, only the preset's regularizers differ."""
-    from ..config import load_config
+    from ..config.experiment import load_config
     kimg_per_step = plan.batch / 1000
     eval_every = max(1, plan.steps // plan.evals) * kimg_per_step
     overrides = [f"model.preset={plan.model}", f"train.batch_size={plan.batch}",
@@ -122,7 +122,7 @@ def run(args) -> int:
     device = pick_device(args.device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        from ..cli import UsageError
+        from ..errors import UsageError
         raise UsageError(f"--out {out} is a file; give a directory (a new one, or the demo to continue)")
     configs = run_configs(plan, str(device), progress_bar=sys.stderr.isatty())
     torch.manual_seed(0)

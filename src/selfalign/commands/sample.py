@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
 
 def sampler_config(args, objective_kind: str):
     """A :class:`SamplerConfig` from the flags and ``--set`` overrides, strictly typed."""
-    from ..configuration import apply_overrides, from_dict
+    from ..config.loader import apply_overrides, from_dict
     from ..sampling import SamplerConfig
 
     values = {"name": args.sampler or ("ddpm" if objective_kind == "ddpm" else "euler_maruyama"),

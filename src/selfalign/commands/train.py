@@ -22,8 +22,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..cli import UsageError
-    from ..config import load_config, preset_names, resolve_config_path
+    from ..errors import UsageError
+    from ..config.experiment import load_config, preset_names, resolve_config_path
     from ..training.distributed import world_size_from_env
 
     if args.list:

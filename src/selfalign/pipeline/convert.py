@@ -324,7 +324,7 @@ def export_state(model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor],
 
 def experiment_for(converted: Converted, data_path: str = "") -> "ExperimentConfig":  # noqa: F821
     """The :class:`~selfalign.config.ExperimentConfig` of an imported checkpoint (latent ImageNet)."""
-    from ..config import VAE_DOWNSAMPLE, experiment_from_dict
+    from ..config.experiment import VAE_DOWNSAMPLE, experiment_from_dict
     from ..regularizers import REGISTRY
     cfg = converted.backbone
     objective = {"kind": "ddpm", "learn_sigma": True} if converted.layout == "dit" else {"kind": "flow"}
@@ -349,7 +349,7 @@ def experiment_for(converted: Converted, data_path: str = "") -> "ExperimentConf
 def import_checkpoint(source: str | Path, layout: str, run_dir: str | Path, *, data_path: str = "",
                       **kwargs) -> tuple[Path, Converted]:
     """Convert a released checkpoint file into a selfalign run directory; returns its checkpoint."""
-    from ..config import save_config
+    from ..config.experiment import save_config
     from ..training import checkpoint as ckpt_io
 
     converted = import_state(read_tensors(source), layout, source=str(source), **kwargs)
@@ -385,7 +385,7 @@ def export_checkpoint(checkpoint: str | Path, layout: str, out_file: str | Path)
     ``.pt``: ``{"model": ..., "ema": ...}`` tensors (what DiT/SiT/REPA/SRA scripts load, ``ema``
     for sampling); ``.safetensors``: the EMA weights only.
     """
-    from ..config import experiment_from_dict
+    from ..config.experiment import experiment_from_dict
     from ..training import checkpoint as ckpt_io
 
     ckpt = ckpt_io.resolve_checkpoint(checkpoint)

@@ -74,7 +74,7 @@ def _diffusers():
     try:
         import diffusers  # noqa: F401  (heavy: imported only when a VAE is needed)
     except ImportError:
-        from ..cli import UsageError
+        from ..errors import UsageError
         raise UsageError("the VAE needs diffusers: pip install 'selfalign[latent]'") from None
     from diffusers import AutoencoderKL
     return AutoencoderKL

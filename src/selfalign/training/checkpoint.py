@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import CheckpointError
 from . import faults
 
 FORMAT_VERSION = 1
@@ -32,10 +33,6 @@ TMP_PREFIX = ".tmp-"
 TENSOR_FILES = ("model", "ema", "regularizers")
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint the user pointed at cannot be used; the message says why."""
 
 
 class CheckpointWriteError(RuntimeError):
@@ -284,7 +281,7 @@ def load_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what:
 
 def load_for_inference(path: str | os.PathLike, use_ema: bool = True, device="cpu"):
     """``(model, objective, ExperimentConfig)`` from a run or checkpoint directory, model in eval mode."""
-    from ..config import experiment_from_dict
+    from ..config.experiment import experiment_from_dict
     from ..models.backbone import DiffusionTransformer
     from ..objectives import build_objective
 

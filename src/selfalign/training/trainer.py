@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import ExperimentConfig, resume_mismatch, save_config
-from ..configuration import ConfigError
+from ..config.experiment import ExperimentConfig, resume_mismatch, save_config
+from ..config.loader import ConfigError
 from ..data import DataOrder, build_dataset, step_batches
 from ..ema import EMA
 from ..models.backbone import DiffusionTransformer

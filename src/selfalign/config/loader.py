@@ -16,9 +16,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and says what is expected."""
+from ..errors import ConfigError
 
 
 class _Loader(yaml.SafeLoader):

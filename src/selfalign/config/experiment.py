@@ -19,11 +19,11 @@ from typing import Any
 
 import yaml
 
-from .configuration import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
-from .objectives import ObjectiveConfig
-from .sampling.config import SamplerConfig
+from .loader import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from ..objectives import ObjectiveConfig
+from ..sampling.config import SamplerConfig
 
-PRESET_DIR = Path(__file__).parent / "configs"
+PRESET_DIR = Path(__file__).parent.parent / "configs"
 DATA_KINDS = ("fashion_mnist", "imagefolder", "latents")
 PRECISIONS = ("fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("skip", "stop")
@@ -52,7 +52,7 @@ class ModelConfig:
     grad_checkpointing: bool = False
 
     def validate(self) -> None:
-        from .models import parse_preset
+        from ..models import parse_preset
         try:
             parse_preset(self.preset)
         except ValueError as err:
@@ -162,7 +162,7 @@ class ExperimentConfig:
     # -- derived ---------------------------------------------------------------------------
     def backbone_config(self):
         """The model's :class:`~selfalign.models.BackboneConfig` (call after :func:`load_config`)."""
-        from .models import backbone_config
+        from ..models import backbone_config
         m = self.model
         extra = {} if m.learn_sigma is None else {"learn_sigma": m.learn_sigma}
         return backbone_config(m.preset, input_size=m.input_size, in_channels=m.in_channels,
@@ -229,7 +229,7 @@ def _regularizer_key(name: str, message: str) -> str:
 
 
 def _load_regularizers(raw: Any, preset: str) -> dict[str, Any]:
-    from .regularizers import REGISTRY
+    from ..regularizers import REGISTRY
     if raw is None:
         return {}
     if not isinstance(raw, dict):
