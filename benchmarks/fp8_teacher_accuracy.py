@@ -23,7 +23,7 @@ from common import environment, pick_device, print_table, write_json  # noqa: E4
 from selfalign.data import build_dataset  # noqa: E402
 from selfalign.models.fp8 import float8_view, fp8_unavailable_reason  # noqa: E402
 from selfalign.regularizers.sra import SRAConfig  # noqa: E402
-from selfalign.training.checkpoint import load_for_inference  # noqa: E402
+from selfalign.runs import load_for_inference  # noqa: E402
 
 T_RANGES = ((0.0, 1 / 3), (1 / 3, 2 / 3), (2 / 3, 1.0))
 

@@ -24,7 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, pick_device, print_table, summary, timed, write_json  # noqa: E402
 
-from selfalign.flops import forward_flops  # noqa: E402
+from selfalign.models.flops import forward_flops  # noqa: E402
 from selfalign.models import build_model  # noqa: E402
 from selfalign.objectives import FlowObjective  # noqa: E402
 from selfalign.sampling import SamplerConfig, sample  # noqa: E402

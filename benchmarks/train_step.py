@@ -34,7 +34,7 @@ from train_step_rows import (BASE_ROWS, BATCH_CANDIDATES, NOT_DONE, OPT_IN, PRES
                              SRA_RELEASED, SRA_SELFALIGN, TOGGLES, VANILLA, Preset, Variant, select_variants)
 
 from selfalign.ema import EMA  # noqa: E402
-from selfalign.flops import training_step_flops  # noqa: E402
+from selfalign.models.flops import training_step_flops  # noqa: E402
 from selfalign.models.presets import backbone_config  # noqa: E402
 from selfalign.models.backbone import DiffusionTransformer  # noqa: E402
 from selfalign.models.fp8 import float8_view, fp8_unavailable_reason  # noqa: E402
@@ -182,7 +182,7 @@ class Bench:
         return self.batch * v.micro_batches
 
     def flops_per_step(self, v: Variant) -> float:
-        """Useful model FLOPs of one step of ``v`` for all its images (see selfalign.flops)."""
+        """Useful model FLOPs of one step of ``v`` for all its images (see selfalign.models.flops)."""
         n = self.sra_config.teacher_layer
         if v.kind == "teacher_only":
             return self.batch * training_step_flops(self.config, teacher_layer=n)["teacher"]

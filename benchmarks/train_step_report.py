@@ -1,7 +1,7 @@
 """Ratios, targets and the printed table of a train_step result (kept apart from the timing code)."""
 from __future__ import annotations
 
-from selfalign.flops import head_flops, sra_floor_ratio, training_step_flops
+from selfalign.models.flops import head_flops, sra_floor_ratio, training_step_flops
 
 FLOOR_TARGET = 0.05          # SRA step within 5 % of vanilla + teacher-only forward
 RELEASED_TARGET = 1.5        # selfalign SRA >= 1.5x the released recipe's images/s (GPU, XL/2)

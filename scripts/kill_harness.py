@@ -11,7 +11,7 @@ step, a checkpoint every 2 steps, the newest 2 kept. First an uninterrupted refe
 every checkpoint; then the same run is started again and again, each time killed (SIGKILL) at
 a point drawn from: inside a step (after backward, before the optimizer), after any file of a
 checkpoint, before its rename, after it, while an old checkpoint is pruned, halfway through a
-metrics line (``selfalign.training.faults``), or at a random moment after training started.
+metrics line (``selfalign.formats.faults``), or at a random moment after training started.
 
 After every attempt every checkpoint directory is audited: complete by ``verify``, and its
 weights, EMA, regularizer and optimizer tensors, RNG states and data position bitwise equal to
@@ -94,7 +94,7 @@ def _fork_child(argv: list[str], log: Path, fault: str | None) -> None:
     import torch
 
     from selfalign import cli
-    from selfalign.training import faults
+    from selfalign.formats import faults
 
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1)
@@ -179,7 +179,7 @@ def run_once(launcher: Launcher, argv, log: Path, fault: str | None = None, kill
 def _load_checkpoint(ckpt: Path) -> dict:
     from safetensors.torch import load_file
 
-    from selfalign.training.checkpoint import TENSOR_FILES, load_optimizer_state, read_state
+    from selfalign.formats.checkpoint import TENSOR_FILES, load_optimizer_state, read_state
 
     out = {name: load_file(str(ckpt / f"{name}.safetensors")) for name in TENSOR_FILES}
     out["optimizer"] = load_optimizer_state(ckpt)
@@ -226,7 +226,7 @@ def compare_checkpoints(ckpt: Path, reference: Path) -> None:
 def audit(run_dir: Path, reference_dir: Path, reference_metrics: dict[int, dict], seen: set[str],
           final: bool = False) -> dict:
     """Check every checkpoint directory and the metrics log; returns counts for the report."""
-    from selfalign.training.checkpoint import PREFIX, TMP_PREFIX, checkpoints_dir, verify
+    from selfalign.formats.checkpoint import PREFIX, TMP_PREFIX, checkpoints_dir, verify
 
     root = checkpoints_dir(run_dir)
     counts = {"checkpoints": 0, "leftover_tmp": 0}
@@ -302,7 +302,7 @@ def draw_fault(rng: random.Random, kind: str, done: int, steps: int, valid: int,
 def run_harness(kills: int = 20, seed: int = 0, steps: int | None = None, workdir: str | Path | None = None,
                 launcher: str = "exec", keep: bool = False, kinds=KINDS, log=print) -> dict:
     """The whole experiment; returns the report, raises :class:`HarnessFailure` on a violation."""
-    from selfalign.training.checkpoint import latest_checkpoint, list_checkpoints
+    from selfalign.formats.checkpoint import latest_checkpoint, list_checkpoints
     from selfalign.training.metrics import read_metrics
 
     steps = steps or 3 * kills + 10

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     from selfalign.data.fashion_mnist import NATIVE_SIZE, FashionMNIST
     from selfalign.data.transforms import uint8_to_model
-    from selfalign.evaluation.classifier import FashionClassifier
+    from selfalign.models.classifier import FashionClassifier
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from selfalign.config.experiment import load_config
-from selfalign.training import checkpoint as ckpt_io
+from selfalign.formats import checkpoint as ckpt_io
+from selfalign.runs import load_for_inference
 from selfalign.training.trainer import TrainingStopped, train
 
 BATCH = 8
@@ -114,7 +115,7 @@ def test_optimizer_file_with_code_is_refused(tmp_path):
 
 def test_other_preset_is_refused_naming_the_key(tmp_path):
     train(load_config(tiny(2)), tmp_path, log=quiet)
-    model, objective, config = ckpt_io.load_for_inference(tmp_path, use_ema=False)
+    model, objective, config = load_for_inference(tmp_path, use_ema=False)
     assert config.model.preset == "SiT-T/8" and objective.kind == "flow"
     with pytest.raises(ValueError, match="model.preset is 'SiT-T/8' in the checkpoint but 'SiT-T/4'"):
         train(load_config(tiny(4, preset="SiT-T/4")), tmp_path, resume="auto", log=quiet)

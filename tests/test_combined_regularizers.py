@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from selfalign.config.experiment import PRESET_DIR, load_config
 from selfalign.ema import EMA
-from selfalign.evaluation.classifier import FashionClassifier
+from selfalign.models.classifier import FashionClassifier
 from selfalign.models.backbone import DiffusionTransformer
 from selfalign.objectives import FlowObjective
 from selfalign.regularizers import (SRA, Dispersive, DispersiveConfig, REPA, SRA2, SRA2Config, SRAConfig,

@@ -12,7 +12,7 @@ from selfalign.cli import main
 from selfalign.models import build_model
 from selfalign.pipeline.convert import (export_checkpoint, export_state, import_checkpoint, import_state,
                                         read_tensors, time_reflection)
-from selfalign.training.checkpoint import load_for_inference
+from selfalign.runs import load_for_inference
 
 from conftest import randomize_zero_init
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from selfalign.evaluation import indomain
-from selfalign.evaluation.classifier import FashionClassifier, load_classifier
+from selfalign.models.classifier import FashionClassifier, load_classifier
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ def run_dir(tmp_path_factory):
     from conftest import randomize_zero_init
     from selfalign.config.experiment import load_config
     from selfalign.models.backbone import DiffusionTransformer
-    from selfalign.training.checkpoint import save_checkpoint
+    from selfalign.formats.checkpoint import save_checkpoint
 
     config = load_config({"name": "tiny", "model": {"preset": "SiT-T/8"},
                           "data": {"kind": "fashion_mnist", "resolution": 32}})
@@ -67,7 +67,7 @@ def run_dir(tmp_path_factory):
 
 def test_block_features_are_deterministic_and_use_the_null_label(run_dir):
     from selfalign.evaluation.features import block_features
-    from selfalign.training.checkpoint import load_for_inference
+    from selfalign.runs import load_for_inference
 
     model, objective, _ = load_for_inference(run_dir)
     x0 = torch.rand(5, 1, 32, 32) * 2 - 1

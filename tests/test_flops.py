@@ -4,7 +4,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from selfalign.flops import forward_flops, head_flops, sra_floor_ratio, training_step_flops
+from selfalign.models.flops import forward_flops, head_flops, sra_floor_ratio, training_step_flops
 from selfalign.models import backbone_config, build_model
 from selfalign.regularizers.sra import SRA, SRAConfig
 

@@ -16,8 +16,8 @@ pytest.importorskip("diffusers")
 from selfalign.conventions import SD_VAE_SCALE
 from selfalign.data.latents import LatentDataset, build_latent_dataset, draw_x0
 from selfalign.pipeline.prepare import PrepareConfig, prepare
-from selfalign.pipeline.sources import ImageReader, list_images
-from selfalign.pipeline.vae import LatentScaling, LatentVAE, tiny_vae_config
+from selfalign.data.sources import ImageReader, list_images
+from selfalign.data.vae import LatentScaling, LatentVAE, tiny_vae_config
 
 SIZE = 16
 

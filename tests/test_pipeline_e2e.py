@@ -17,9 +17,9 @@ pytest.importorskip("diffusers")
 
 from selfalign.cli import main
 from selfalign.config.experiment import load_config
-from selfalign.pipeline.vae import LatentVAE, tiny_vae_config
+from selfalign.data.vae import LatentVAE, tiny_vae_config
 from selfalign.sampling import SamplerConfig, sample
-from selfalign.training.checkpoint import load_for_inference
+from selfalign.runs import load_for_inference
 from selfalign.training.trainer import train
 
 SIZE = 64     # -> 8x8 latents with the factor-8 VAE

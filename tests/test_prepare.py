@@ -21,8 +21,8 @@ pytest.importorskip("diffusers")
 
 from selfalign.cli import main
 from selfalign.pipeline.prepare import PrepareConfig, prepare
-from selfalign.pipeline.sources import ImageReader, list_images
-from selfalign.pipeline.vae import LatentVAE, tiny_vae_config
+from selfalign.data.sources import ImageReader, list_images
+from selfalign.data.vae import LatentVAE, tiny_vae_config
 
 SIZE = 16
 

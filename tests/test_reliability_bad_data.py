@@ -16,7 +16,7 @@ from PIL import Image
 from selfalign.cli import main
 from selfalign.data import DataOrder, step_batches
 from selfalign.data.latents import LatentDataset
-from selfalign.pipeline import shards as fmt
+from selfalign.formats import shards as fmt
 from conftest import load_kill_harness
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from selfalign.config.experiment import load_config
-from selfalign.training import checkpoint as ckpt_io
+from selfalign.formats import checkpoint as ckpt_io
 from selfalign.training.trainer import TrainingStopped, train
 from conftest import load_kill_harness
 

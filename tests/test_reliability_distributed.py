@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from selfalign.config.experiment import load_config
-from selfalign.training.checkpoint import list_checkpoints
+from selfalign.formats.checkpoint import list_checkpoints
 from selfalign.training.trainer import train
 from conftest import load_kill_harness
 

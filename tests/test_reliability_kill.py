@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfalign.training import checkpoint as ckpt_io
+from selfalign.formats import checkpoint as ckpt_io
 from conftest import load_kill_harness
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from selfalign.config.experiment import load_config
-from selfalign.training.checkpoint import latest_checkpoint, list_checkpoints, load_optimizer_state
+from selfalign.formats.checkpoint import latest_checkpoint, list_checkpoints, load_optimizer_state
 from selfalign.training.metrics import read_metrics
 from selfalign.training.trainer import TrainingStopped, train
 from conftest import load_kill_harness

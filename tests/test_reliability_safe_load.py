@@ -15,7 +15,7 @@ import torch
 
 from selfalign.cli import main
 from selfalign.config.experiment import load_config
-from selfalign.training import checkpoint as ckpt_io
+from selfalign.formats import checkpoint as ckpt_io
 from selfalign.training.trainer import train
 from conftest import load_kill_harness
 

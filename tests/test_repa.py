@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from selfalign.evaluation.classifier import FashionClassifier
+from selfalign.models.classifier import FashionClassifier
 from selfalign.objectives import FlowObjective
 from selfalign.regularizers import REGISTRY, REPA, REPAConfig, StepContext
 from selfalign.regularizers import encoders

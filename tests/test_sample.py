@@ -18,7 +18,7 @@ def checkpoint(tmp_path_factory):
     from conftest import randomize_zero_init
     from selfalign.config.experiment import load_config
     from selfalign.models.backbone import DiffusionTransformer
-    from selfalign.training.checkpoint import save_checkpoint
+    from selfalign.formats.checkpoint import save_checkpoint
 
     config = load_config({"model": {"preset": "SiT-T/8"}, "data": {"kind": "fashion_mnist", "resolution": 32}})
     torch.manual_seed(0)
@@ -84,7 +84,7 @@ def test_one_generator_per_sample_draws_each_row_alone():
 
 def test_resume_skips_finished_shards_and_redoes_broken_ones(checkpoint, tmp_path):
     from selfalign.sampling import SamplerConfig
-    from selfalign.training.checkpoint import load_for_inference
+    from selfalign.runs import load_for_inference
 
     model, objective, _ = load_for_inference(checkpoint)
     sampler = SamplerConfig(name="euler_maruyama", steps=3)
@@ -138,7 +138,7 @@ def test_latent_samples_are_decoded_with_the_vae():
 
     from selfalign.models import build_model
     from selfalign.objectives import build_objective
-    from selfalign.pipeline.vae import LatentVAE, tiny_vae_config
+    from selfalign.data.vae import LatentVAE, tiny_vae_config
     from selfalign.sampling import SamplerConfig
 
     torch.manual_seed(0)

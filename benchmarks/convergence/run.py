@@ -171,7 +171,8 @@ def heldout(run_dir: Path, threads: int | None, count: int = 500) -> None:
     import torch
 
     from selfalign.data import FashionMNIST
-    from selfalign.training.checkpoint import latest_checkpoint, load_for_inference
+    from selfalign.formats.checkpoint import latest_checkpoint
+    from selfalign.runs import load_for_inference
     from selfalign.training.heldout import DEFAULT_TIMES, heldout_losses
 
     if threads:
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     fid_samples = budget.fid_samples if args.fid_samples is None else args.fid_samples
-    from selfalign.evaluation.classifier import ASSET
+    from selfalign.models.classifier import ASSET
     if not ASSET.is_file():   # the in-domain judge (and REPA's stand-in encoder): every run needs it
         print(f"the Fashion-MNIST classifier {ASSET} is missing; train it with "
               f"`python scripts/train_classifier.py --out {ASSET}` first", file=sys.stderr)

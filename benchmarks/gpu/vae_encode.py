@@ -2,7 +2,7 @@
 
 A randomly initialised ``AutoencoderKL`` with the architecture of ``stabilityai/sd-vae-ft-ema``
 (built from a config in code: no download; the weights do not change the speed) encodes random
-images to the latent distribution's mean and std through :class:`selfalign.pipeline.vae.LatentVAE`,
+images to the latent distribution's mean and std through :class:`selfalign.data.vae.LatentVAE`,
 the path ``prepare`` takes, for each precision and batch size. JSON goes to ``--out`` (a file or a
 folder; default ``$OUT`` or benchmarks/results/).
 
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # benchmarks/common.py
 from common import environment, pick_device, summary, timed, write_json  # noqa: E402
 
-from selfalign.pipeline.vae import LatentVAE, sd_vae_config, tiny_vae_config  # noqa: E402
+from selfalign.data.vae import LatentVAE, sd_vae_config, tiny_vae_config  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

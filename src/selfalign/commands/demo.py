@@ -160,7 +160,8 @@ def run(args) -> int:
 def score_run(demo_run: DemoRun, run_dir: Path, plan: Plan, device, out: Path, train_seconds: float) -> dict:
     """Held-out loss of every kept checkpoint, the final grid, optional FID, and the training log."""
     from ..data import FashionMNIST
-    from ..training.checkpoint import list_checkpoints, load_for_inference, verify
+    from ..formats.checkpoint import list_checkpoints, verify
+    from ..runs import load_for_inference
     from ..training.heldout import heldout_losses
     from ..training.metrics import read_metrics
     from ..training.samples import sample_grid

@@ -178,7 +178,7 @@ def _representation_parsers(tasks, fmt) -> None:
 
 
 def _load_checkpoint(path, args):
-    from ..training.checkpoint import load_for_inference
+    from ..runs import load_for_inference
     device = _device(args.device)
     model, objective, config = load_for_inference(path, use_ema=not args.raw_weights, device=device)
     return model, objective, config, device

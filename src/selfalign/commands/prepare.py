@@ -34,7 +34,7 @@ def run(args) -> int:
     import sys
 
     from ..pipeline.prepare import PrepareConfig, distributed_defaults, prepare
-    from ..pipeline.vae import DEFAULT_VAE
+    from ..data.vae import DEFAULT_VAE
     from ..conventions import SD_VAE_SCALE
 
     rank, world, _ = distributed_defaults()

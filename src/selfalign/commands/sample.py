@@ -60,8 +60,8 @@ def latent_decoder(config, vae_spec: str | None, device):
     """The VAE decode of a latent model (``None`` for pixel models)."""
     if config.data.kind != "latents":
         return None
-    from ..pipeline.shards import load_index
-    from ..pipeline.vae import LatentScaling, LatentVAE
+    from ..formats.shards import load_index
+    from ..data.vae import LatentScaling, LatentVAE
 
     index = load_index(config.data.path) if config.data.path else None
     if vae_spec:
@@ -81,7 +81,8 @@ def run(args) -> int:
     from ..evaluation.generate import (SamplePlan, check_plan, generate_shards, make_draw, merge_shards,
                                        missing_shards, write_pngs)
     from ..training import distributed
-    from ..training.checkpoint import load_for_inference, resolve_checkpoint
+    from ..formats.checkpoint import resolve_checkpoint
+    from ..runs import load_for_inference
 
     info = distributed.init(args.device)
     rank = info.rank if args.rank is None else args.rank

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..pipeline import shards as fmt
-from ..pipeline.vae import LatentScaling
+from ..formats import shards as fmt
+from .vae import LatentScaling
 from .transforms import uint8_to_model
 
 VERIFY_MODES = ("auto", "full", "lazy", "size")
@@ -164,7 +164,7 @@ class LatentDataset(torch.utils.data.Dataset):
         return handle.get_slice(key)[row:row + 1][0]
 
     def _image(self, shard: int, row: int, flipped: bool) -> torch.Tensor:
-        from ..pipeline.sources import ImageReader
+        from .sources import ImageReader
         if self._reader is None:
             source = self.index["source"]
             self._reader = ImageReader(source["root"], source["prefix"])
@@ -215,7 +215,7 @@ class LatentDataset(torch.utils.data.Dataset):
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Model-space latents -> float images in [-1, 1] with the VAE the dataset was made with
         (loaded on first use, on ``x0``'s device): the trainer's sample grids call this."""
-        from ..pipeline.vae import LatentVAE
+        from .vae import LatentVAE
         if self._vae is None or self._vae.device != x0.device:
             self._vae = LatentVAE.for_dataset(self.index, device=x0.device)
             self._vae.scaling = self.scaling

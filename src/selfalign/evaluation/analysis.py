@@ -106,7 +106,7 @@ def cknna_checkpoint(model, objective, config, layers: list[int], t: float, targ
             raise ValueError(f"--target {target!r}: use classifier, block:N or CHECKPOINT:N")
         other, other_objective = model, objective
         if where != "block":
-            from ..training.checkpoint import load_for_inference
+            from ..runs import load_for_inference
             other, other_objective, _ = load_for_inference(where, device=device)
         if not 1 <= int(block) <= other.config.depth:
             raise ValueError(f"--target {target!r}: blocks are numbered 1..{other.config.depth}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .classifier import ASSET, FashionClassifier, load_classifier
+from ..models.classifier import ASSET, FashionClassifier, load_classifier
 from .fid import FeatureStatistics, frechet_distance
 from .precision_recall import precision_recall
 

@@ -350,7 +350,7 @@ def import_checkpoint(source: str | Path, layout: str, run_dir: str | Path, *, d
                       **kwargs) -> tuple[Path, Converted]:
     """Convert a released checkpoint file into a selfalign run directory; returns its checkpoint."""
     from ..config.experiment import save_config
-    from ..training import checkpoint as ckpt_io
+    from ..formats import checkpoint as ckpt_io
 
     converted = import_state(read_tensors(source), layout, source=str(source), **kwargs)
     config = experiment_for(converted, data_path)
@@ -386,7 +386,7 @@ def export_checkpoint(checkpoint: str | Path, layout: str, out_file: str | Path)
     for sampling); ``.safetensors``: the EMA weights only.
     """
     from ..config.experiment import experiment_from_dict
-    from ..training import checkpoint as ckpt_io
+    from ..formats import checkpoint as ckpt_io
 
     ckpt = ckpt_io.resolve_checkpoint(checkpoint)
     config = experiment_from_dict(ckpt_io.read_state(ckpt)["config"])

@@ -6,7 +6,7 @@ on its index: any number of processes (``torchrun`` ranks, or ``--rank/--world-s
 split the shards round-robin and produce the same files as one process. Each finished shard gets
 a record with its sha256; a rerun verifies and skips those, so an interrupted prepare resumes.
 Whichever process finds every shard finished writes ``index.json`` (see
-:mod:`selfalign.pipeline.shards` for the layout). The encoder's mean and std are stored; the
+:mod:`selfalign.formats.shards` for the layout). The encoder's mean and std are stored; the
 trainer draws ``x0 = scale * (mean + std * eps)`` each step (:mod:`selfalign.data.latents`).
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from ..conventions import SD_VAE_SCALE
-from . import shards as fmt
-from .sources import ImageReader, SourceListing, list_images
-from .vae import DEFAULT_VAE, LatentVAE
+from ..formats import shards as fmt
+from ..data.sources import ImageReader, SourceListing, list_images
+from ..data.vae import DEFAULT_VAE, LatentVAE
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -163,7 +163,7 @@ class FeatureMapEncoder(nn.Module):
 # -- loading -----------------------------------------------------------------------------------
 def fashion_classifier_encoder(weights: str | None = None, *, stage: int = -1,
                                classifier: nn.Module | None = None) -> FeatureMapEncoder:
-    """The Fashion-MNIST classifier of :mod:`selfalign.evaluation.classifier` as REPA's offline
+    """The Fashion-MNIST classifier of :mod:`selfalign.models.classifier` as REPA's offline
     stand-in for DINOv2: stage ``stage``'s feature map as tokens (last stage: 7x7 tokens of 128).
 
     The classifier prepares its own input from [-1, 1] images (gray, centre 28x28 crop of the
@@ -171,7 +171,7 @@ def fashion_classifier_encoder(weights: str | None = None, *, stage: int = -1,
     the [0, 1] step). Its tokens cover the central 28 pixels; resampled to the student's grid they
     are offset by at most the 2-pixel blank padding.
     """
-    from ..evaluation.classifier import load_classifier
+    from ..models.classifier import load_classifier
     model = classifier if classifier is not None else load_classifier(weights)
     width = model.stages[stage][-1][0].out_channels      # the stage's last conv
     return FeatureMapEncoder(model, width, channels=1, mean=(0.5,), std=(0.5,),

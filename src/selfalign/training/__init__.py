@@ -1,7 +1,6 @@
-"""Training: the per-step loss (:mod:`.step`), the trainer loop, checkpoints, distributed helpers.
+"""Training: the per-step loss (:mod:`.step`), the trainer loop and its metrics, distributed helpers.
 
-Heavy pieces are imported on first use so ``from selfalign.training import load_for_inference``
-does not pull in the trainer.
+Heavy pieces are imported on first use so ``import selfalign.training`` stays cheap.
 """
 from __future__ import annotations
 
@@ -10,14 +9,10 @@ def __getattr__(name):
     if name in ("train", "Trainer", "TrainingStopped", "RunResult"):
         from . import trainer
         return getattr(trainer, name)
-    if name in ("load_for_inference", "latest_checkpoint", "CheckpointError", "CheckpointWriteError"):
-        from . import checkpoint
-        return getattr(checkpoint, name)
     if name == "TrainingStep":
         from .step import TrainingStep
         return TrainingStep
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["train", "Trainer", "TrainingStopped", "RunResult", "load_for_inference", "latest_checkpoint",
-           "CheckpointError", "CheckpointWriteError", "TrainingStep"]
+__all__ = ["train", "Trainer", "TrainingStopped", "RunResult", "TrainingStep"]

@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from . import faults
+from ..formats import faults
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -30,8 +30,8 @@ from ..ema import EMA
 from ..models.backbone import DiffusionTransformer
 from ..objectives import build_objective
 from ..regularizers import Progress, build_regularizer
-from . import checkpoint as ckpt_io
-from . import faults
+from ..formats import checkpoint as ckpt_io
+from ..formats import faults
 from . import distributed as dist_util
 from . import rng
 from .metrics import MetricsLog

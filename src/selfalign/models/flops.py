@@ -14,7 +14,7 @@ not counted.
 """
 from __future__ import annotations
 
-from .models.backbone import BackboneConfig
+from .backbone import BackboneConfig
 
 FREQUENCY_SIZE = 256   # the timestep embedder's sinusoidal input width (models.backbone)
 

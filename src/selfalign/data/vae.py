@@ -181,7 +181,7 @@ class LatentVAE:
 
     def encode_uint8(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 ``(B, H, W, 3)`` -> ``(mean, std)``."""
-        from ..data.transforms import uint8_to_model
+        from .transforms import uint8_to_model
         return self.encode(uint8_to_model(images.permute(0, 3, 1, 2)))
 
     @torch.no_grad()
@@ -196,7 +196,7 @@ class LatentVAE:
 
     def decode_uint8(self, x: torch.Tensor) -> torch.Tensor:
         """Model-space latents -> uint8 ``(B, H, W, 3)``, the layout of ADM's sample ``.npz``."""
-        from ..data.transforms import model_to_uint8
+        from .transforms import model_to_uint8
         return model_to_uint8(self.decode(x)).permute(0, 2, 3, 1).cpu()
 
 

@@ -147,5 +147,5 @@ class ImageReader:
 
     def read_cropped(self, rel: str, image_size: int) -> np.ndarray:
         """ADM center crop to ``image_size``: uint8 ``(H, W, 3)``."""
-        from ..data.transforms import center_crop_arr
+        from .transforms import center_crop_arr
         return np.asarray(center_crop_arr(self.open(rel), image_size), dtype=np.uint8)

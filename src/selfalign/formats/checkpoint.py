@@ -277,20 +277,3 @@ def load_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what:
     if extra:
         raise CheckpointError(f"{source}: {what} has an unexpected tensor {extra[0]!r}{hint}")
     module.load_state_dict(tensors, strict=True)
-
-
-def load_for_inference(path: str | os.PathLike, use_ema: bool = True, device="cpu"):
-    """``(model, objective, ExperimentConfig)`` from a run or checkpoint directory, model in eval mode."""
-    from ..config.experiment import experiment_from_dict
-    from ..models.backbone import DiffusionTransformer
-    from ..objectives import build_objective
-
-    ckpt = resolve_checkpoint(path)
-    state = read_state(ckpt)
-    config = experiment_from_dict(state["config"])
-    with torch.device("meta"):
-        model = DiffusionTransformer(config.backbone_config())
-    model = model.to_empty(device=device)
-    tensors = load_tensors(ckpt, "ema" if use_ema else "model", device)
-    load_module(model, tensors, "EMA weights" if use_ema else "model weights", ckpt)
-    return model.eval().requires_grad_(False), build_objective(config.objective), config
