@@ -132,7 +132,7 @@ class Bench:
                 config = dataclasses.replace(self.sra_config, teacher_truncate=v.truncate,
                                              teacher_precision=v.teacher_precision,
                                              teacher_fraction=v.teacher_fraction)
-                sra = SRA(config, self.config.hidden_size, self.config.depth)
+                sra = SRA(config, self.config)
                 sra.head = self.head        # one head for every row
                 regularizers["sra"] = sra
             student, _ = self.networks(v)

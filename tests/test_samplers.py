@@ -344,10 +344,10 @@ def test_deterministic_given_a_generator(config, kind):
 
 # -- configuration and the real backbone ---------------------------------------------------------
 @pytest.mark.parametrize("overrides,message", [
-    ({"name": "eulr"}, "sampler.name='eulr' is not one of ('euler', 'heun', 'euler_maruyama', 'ddpm', 'ddim')"),
+    ({"name": "eulr"}, "sampler.name: expected one of 'euler', 'heun', 'euler_maruyama', 'ddpm', 'ddim', got 'eulr'"),
     ({"guidance_low": 0.8, "guidance_high": 0.2}, "interval is reversed"),
     ({"steps": 0}, "sampler.steps must be >= 1"),
-    ({"diffusion": "3t"}, "sampler.diffusion='3t'"),
+    ({"diffusion": "3t"}, "sampler.diffusion: expected one of '2t', 'sigma', got '3t'"),
     ({"last_step": 0.0}, "sampler.last_step must be in (0, 1)"),
 ])
 def test_config_errors_are_one_line(overrides, message):

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
+from ..config.loader import check_choices
 from .base import Objective, expand_time, mean_flat
 
-BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
-FIXED_VARIANCES = ("large", "small")
+BetaSchedule = Literal["linear", "squaredcos_cap_v2"]
+FixedVariance = Literal["large", "small"]
 
 
 # -- schedules and respacing ---------------------------------------------------------------
@@ -40,7 +42,7 @@ def named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
             return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
         return np.array([min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), 0.999)
                          for i in range(num_timesteps)], dtype=np.float64)
-    raise ValueError(f"objective.beta_schedule={name!r} is not one of {BETA_SCHEDULES}")
+    raise ValueError(f"objective.beta_schedule={name!r} is not one of {get_args(BetaSchedule)}")
 
 
 def space_timesteps(num_timesteps: int, spacing: str) -> list[int]:
@@ -242,17 +244,14 @@ class GaussianDiffusion:
 @dataclass
 class DDPMConfig:
     num_timesteps: int = 1000
-    beta_schedule: str = "linear"     # ADM names: "linear" (DiT), "squaredcos_cap_v2"
+    beta_schedule: BetaSchedule = "linear"    # ADM names: "linear" (DiT), "squaredcos_cap_v2"
     learn_sigma: bool = True          # DiT: the model outputs eps and the variance (2C channels)
-    fixed_variance: str = "large"     # without learn_sigma: ADM's FIXED_LARGE or FIXED_SMALL
+    fixed_variance: FixedVariance = "large"   # without learn_sigma: ADM's FIXED_LARGE or FIXED_SMALL
 
     def validate(self) -> None:
         if self.num_timesteps < 2:
             raise ValueError(f"objective.num_timesteps must be >= 2, got {self.num_timesteps}")
-        if self.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"objective.beta_schedule={self.beta_schedule!r} is not one of {BETA_SCHEDULES}")
-        if self.fixed_variance not in FIXED_VARIANCES:
-            raise ValueError(f"objective.fixed_variance={self.fixed_variance!r} is not one of {FIXED_VARIANCES}")
+        check_choices(self, "objective")
 
 
 class DDPMObjective(Objective):

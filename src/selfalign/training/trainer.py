@@ -84,7 +84,7 @@ class Trainer:
 
         torch.manual_seed(t.seed)       # identical initial weights on every rank
         model = DiffusionTransformer(config.backbone_config()).to(device)
-        regularizers = {name: build_regularizer(name, cfg, model)
+        regularizers = {name: build_regularizer(name, cfg, model.config)
                         for name, cfg in config.regularizers.items()}
         self.objective = build_objective(config.objective)
         self.step_module = TrainingStep(model, self.objective, regularizers, t.label_dropout).to(device)
