@@ -1,8 +1,8 @@
 """``ExperimentConfig``: the typed tree a training run is built from.
 
 Loaded strictly (unknown keys and wrong types are one-line errors naming the dotted key) from a
-YAML file or a preset name in ``selfalign/configs/``, with ``--set key=value`` overrides applied
-before typing. Regularizers are a mapping ``name -> that regularizer's config`` looked up in
+YAML file or a preset name in ``selfalign/configs/`` (either may name a ``base:``, see
+:mod:`.presets`), with ``--set key=value`` overrides applied before typing. Regularizers are a mapping ``name -> that regularizer's config`` looked up in
 ``regularizers.REGISTRY``; SRA's layers default to the paper's for the model preset.
 Values left ``null`` that follow from others (model input size and channels from the data) are
 filled in by :func:`load_config`, so a saved ``config.yaml`` is complete.
@@ -22,9 +22,12 @@ from ..models import backbone_config, parse_preset
 from ..objectives import ObjectiveConfig
 from ..regularizers import REGISTRY, RegularizerConfig
 from ..sampling.config import SamplerConfig
-from .loader import apply_overrides, from_dict, load_yaml, to_dict
+from .loader import apply_overrides, from_dict, to_dict
+from .presets import PRESET_DIR, preset_names, read_config, resolve_config_path
 
-PRESET_DIR = Path(__file__).parent.parent / "configs"
+__all__ = ["ExperimentConfig", "ModelConfig", "DataConfig", "TrainConfig", "LoggingConfig", "load_config",
+           "experiment_from_dict", "save_config", "resume_mismatch", "preset_names", "resolve_config_path",
+           "PRESET_DIR", "VAE_DOWNSAMPLE", "LATENT_CHANNELS", "RESUMABLE_CHANGES"]
 VAE_DOWNSAMPLE = 8          # SD-VAE: 256 px -> 32x32 latents
 LATENT_CHANNELS = 4
 DATA_DEFAULTS = {           # kind: (in_channels, num_classes) unless the config says otherwise
@@ -260,28 +263,11 @@ def experiment_from_dict(data: dict, world_size: int = 1) -> ExperimentConfig:
     return config
 
 
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def resolve_config_path(source: str | Path) -> Path:
-    """A YAML path as given, or a preset name (``sit-b2-sra-256``) from ``selfalign/configs``."""
-    path = Path(source)
-    if path.is_file():
-        return path
-    preset = PRESET_DIR / f"{source}.yaml"
-    if "/" not in str(source) and preset.is_file():
-        return preset
-    if str(source).endswith((".yaml", ".yml")) or "/" in str(source):
-        raise ConfigError(f"config file {str(source)!r} not found")
-    raise ConfigError(f"{str(source)!r} is neither a config file nor a preset; presets: "
-                      f"{', '.join(preset_names())}")
-
-
 def load_config(source: str | Path | dict, overrides: list[str] | tuple = (),
                 world_size: int = 1) -> ExperimentConfig:
-    """Load a YAML file, preset name or mapping, apply ``key=value`` overrides, type and validate."""
-    data = dict(source) if isinstance(source, dict) else load_yaml(resolve_config_path(source))
+    """Load a YAML file, preset name or mapping (its ``base:`` chain merged in), apply ``key=value``
+    overrides, type and validate."""
+    data = read_config(source)
     data = apply_overrides(json.loads(json.dumps(data, default=list)), list(overrides))
     return experiment_from_dict(data, world_size)
 
