@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..models.backbone import BackboneConfig
 from .base import Regularizer, RegularizerConfig, StepContext, register
 from .distances import Distance, get_distance
@@ -48,7 +49,7 @@ class REPAConfig(RegularizerConfig):
     def for_model(cls, preset: str, **overrides) -> "REPAConfig":
         key = preset.split("/")[0]
         if key not in DEPTH_PRESETS:
-            raise ValueError(f"no REPA depth preset for {preset!r}: known {sorted(DEPTH_PRESETS)}")
+            raise ConfigError(f"no REPA depth preset for {preset!r}: known {sorted(DEPTH_PRESETS)}")
         return cls(**{"layer": DEPTH_PRESETS[key], **overrides})
 
     def validate(self, depth: int) -> None:

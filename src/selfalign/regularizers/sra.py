@@ -34,7 +34,7 @@ def preset_layers(preset: str, method: str = "SRA") -> tuple[int, int]:
     """(student block m, teacher block n) of the layer table for "SiT-XL/2" or "SiT-XL"."""
     key = preset.split("/")[0]
     if key not in LAYER_PRESETS:
-        raise ValueError(f"no {method} layer preset for {preset!r}: known {sorted(LAYER_PRESETS)}")
+        raise ConfigError(f"no {method} layer preset for {preset!r}: known {sorted(LAYER_PRESETS)}")
     return LAYER_PRESETS[key]
 
 
