@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import ConfigError
+
 FLOW_SAMPLERS = ("euler", "heun", "euler_maruyama")
 DDPM_SAMPLERS = ("ddpm", "ddim")
 SAMPLERS = FLOW_SAMPLERS + DDPM_SAMPLERS
@@ -61,5 +63,5 @@ class SamplerConfig:
         """One line if this sampler cannot sample an objective of ``kind``."""
         allowed = FLOW_SAMPLERS if kind == "flow" else DDPM_SAMPLERS
         if self.name not in allowed:
-            raise ValueError(f"sampler.name={self.name!r} cannot sample a {kind} objective; "
-                             f"use one of {allowed}")
+            raise ConfigError(f"sampler.name={self.name!r} cannot sample a {kind} objective; "
+                              f"use one of {allowed}")
