@@ -18,6 +18,7 @@ from selfalign.data.latents import LatentDataset, build_latent_dataset, draw_x0
 from selfalign.pipeline.prepare import PrepareConfig, prepare
 from selfalign.data.sources import ImageReader, list_images
 from selfalign.data.vae import LatentScaling, LatentVAE, tiny_vae_config
+from selfalign.errors import ConfigError, DataError
 
 SIZE = 16
 
@@ -97,6 +98,17 @@ def test_draw_x0_is_scale_times_a_sample_from_the_given_generator(prepared):
     assert LatentDataset(out["safetensors"], normalization="channel").scaling == scaling
 
 
+def test_analysis_draws_latent_examples_like_the_trainer(prepared):
+    """Probes, CKNNA and PCA read a latent dataset's examples as the model input, not its moments."""
+    from selfalign.evaluation.features import dataset_batch
+    _, _, out = prepared
+    ds = LatentDataset(out["safetensors"])
+    x0, labels = dataset_batch(ds, [5, 0], torch.Generator().manual_seed(4))
+    moments, expected_labels = ds.__getitems__([5, 0])
+    torch.testing.assert_close(x0, ds.to_model(moments, torch.Generator().manual_seed(4)))
+    assert x0.shape == (2, 4, 8, 8) and torch.equal(labels, expected_labels)
+
+
 def test_decode_uses_the_datasets_vae_and_inverts_the_scale(prepared):
     _, vae, out = prepared
     ds = LatentDataset(out["safetensors"])
@@ -118,14 +130,14 @@ def test_truncated_or_corrupted_shards_are_named(prepared, tmp_path):
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0xFF                                   # same size, different bytes
     shard.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="shard-000001.safetensors.*sha256"):
+    with pytest.raises(DataError, match="shard-000001.safetensors.*sha256"):
         LatentDataset(root, verify="full")
     lazy = LatentDataset(root, verify="lazy")          # opens; fails when that shard is read
     lazy[0]
-    with pytest.raises(ValueError, match="shard-000001.safetensors.*sha256"):
+    with pytest.raises(DataError, match="shard-000001.safetensors.*sha256"):
         lazy[5]
     shard.write_bytes(bytes(data[:-10]))               # truncated: caught at open by size
-    with pytest.raises(ValueError, match="shard-000001.safetensors.*truncated"):
+    with pytest.raises(DataError, match="shard-000001.safetensors.*truncated"):
         LatentDataset(root, verify="size")
 
 
@@ -134,7 +146,7 @@ def test_config_checks(prepared, tmp_path):
     _, _, out = prepared
     ds = build_latent_dataset(DataConfig(kind="latents", path=str(out["safetensors"]), resolution=SIZE, hflip=True))
     assert len(ds) == 12
-    with pytest.raises(ValueError, match="prepared at 16 px"):
+    with pytest.raises(ConfigError, match="prepared at 16 px"):
         build_latent_dataset(DataConfig(kind="latents", path=str(out["safetensors"]), resolution=32))
-    with pytest.raises(FileNotFoundError, match="selfalign prepare"):
+    with pytest.raises(DataError, match="selfalign prepare"):
         LatentDataset(tmp_path)

@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from selfalign.models import backbone_config
+from selfalign.errors import CheckpointError, ConfigError, UsageError
 from selfalign.models.classifier import FashionClassifier
 from selfalign.objectives import FlowObjective
-from selfalign.errors import ConfigError
 from selfalign.regularizers import REGISTRY, StepContext
 from selfalign.regularizers import encoders
 from selfalign.regularizers.encoders import (DINOv2Encoder, FeatureMapEncoder, fashion_classifier_encoder,
@@ -198,12 +198,12 @@ def test_dinov2_hub_layout_from_a_local_clone_and_weight_file(tmp_path):
 
 
 def test_dinov2_loader_errors(monkeypatch, tmp_path):
-    with pytest.raises(ValueError, match="unknown DINOv2 encoder"):
+    with pytest.raises(ConfigError, match="unknown DINOv2 encoder"):
         load_dinov2("dinov2-vitq14")
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(CheckpointError, match="not found"):
         load_dinov2("dinov2-vitb14", weights=str(tmp_path / "missing.pth"))
     monkeypatch.setitem(sys.modules, "timm", None)            # timm absent: one clear line
-    with pytest.raises(ImportError, match=r"selfalign\[timm\]"):
+    with pytest.raises(UsageError, match=r"selfalign\[timm\]"):
         load_dinov2("dinov2-vitb14-reg", layout="timm")
 
 

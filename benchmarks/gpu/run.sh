@@ -33,8 +33,8 @@ CHECK_BUDGET_S=${BENCH_CHECK_BUDGET_S:-140}
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results/gpu-run-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
-# $OUT holds only the result JSON files and ONE log (run.log): the device tool brings back at most
-# 8 files. Each stage's log is written apart, then appended to run.log when the stage ends.
+# $OUT holds only the result JSON files and one log (run.log), a handful of files to copy back.
+# Each stage's log is written apart, then appended to run.log when the stage ends.
 LOG="$OUT/run.log"
 STAGE_LOGS=$(mktemp -d)
 START=$(date +%s)

@@ -5,8 +5,10 @@ space; :mod:`.order` decides which indices a rank trains on at each step.
 """
 from __future__ import annotations
 
+from ..errors import ConfigError
 from .fashion_mnist import FashionMNIST
 from .imagefolder import ImageFolder
+from .latents import build_latent_dataset
 from .order import DataOrder, step_batches
 from .transforms import center_crop_arr, model_to_uint8, uint8_to_model
 
@@ -19,9 +21,8 @@ def build_dataset(config, split: str = "train", with_images: bool = False):
     if config.kind == "imagefolder":
         return ImageFolder(config.path, config.resolution)
     if config.kind == "latents":
-        from .latents import build_latent_dataset
         return build_latent_dataset(config, split, with_images=with_images)
-    raise ValueError(f"data.kind={config.kind!r} is not supported")
+    raise ConfigError(f"data.kind={config.kind!r} is not supported")
 
 
 __all__ = ["FashionMNIST", "ImageFolder", "DataOrder", "step_batches", "build_dataset",

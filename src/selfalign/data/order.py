@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ..errors import DataError
+
 _MIX = 0x9E3779B97F4A7C15   # golden-ratio constant: spreads (seed, epoch) over the seed space
 
 
@@ -20,7 +22,7 @@ class DataOrder:
 
     def __init__(self, size: int, seed: int, shuffle: bool = True):
         if size < 1:
-            raise ValueError("the dataset is empty")
+            raise DataError("the dataset is empty")
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self._cache: dict[int, torch.Tensor] = {}
 

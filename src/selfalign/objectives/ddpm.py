@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..config.loader import check_choices
+from ..errors import ConfigError
 from .base import Objective, expand_time, mean_flat
 
 BetaSchedule = Literal["linear", "squaredcos_cap_v2"]
@@ -56,23 +57,23 @@ def space_timesteps(num_timesteps: int, spacing: str) -> list[int]:
         try:
             wanted = int(spacing[4:])
         except ValueError:
-            raise ValueError(f"respacing {spacing!r}: expected 'ddimN', e.g. 'ddim50'") from None
+            raise ConfigError(f"respacing {spacing!r}: expected 'ddimN', e.g. 'ddim50'") from None
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == wanted:
                 return list(range(0, num_timesteps, stride))
-        raise ValueError(f"respacing {spacing!r}: no constant stride gives exactly {wanted} of "
-                         f"{num_timesteps} steps; use a plain count such as '{wanted}'")
+        raise ConfigError(f"respacing {spacing!r}: no constant stride gives exactly {wanted} of "
+                          f"{num_timesteps} steps; use a plain count such as '{wanted}'")
     try:
         counts = [int(part) for part in spacing.split(",")]
     except ValueError:
-        raise ValueError(f"respacing {spacing!r}: expected a step count ('250'), section counts "
-                         f"('10,20') or 'ddimN'") from None
+        raise ConfigError(f"respacing {spacing!r}: expected a step count ('250'), section counts "
+                          f"('10,20') or 'ddimN'") from None
     size_per, extra = divmod(num_timesteps, len(counts))
     start, steps = 0, []
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if not 1 <= count <= size:
-            raise ValueError(f"respacing {spacing!r}: cannot take {count} steps from a section of {size}")
+            raise ConfigError(f"respacing {spacing!r}: cannot take {count} steps from a section of {size}")
         stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
         steps += [start + round(stride * j) for j in range(count)]
         start += size

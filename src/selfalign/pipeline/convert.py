@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError
 from ..models import backbone_config, parse_preset
 from ..models.backbone import BackboneConfig, DiffusionTransformer
 from ..models.presets import SIZES
@@ -66,7 +67,7 @@ def read_tensors(path: str | Path) -> dict:
     """A checkpoint's contents without unpickling anything but tensors and plain containers."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
@@ -80,9 +81,9 @@ def read_tensors(path: str | Path) -> dict:
     except pickle.UnpicklingError as err:
         lines = [l.strip() for l in str(err).splitlines() if l.strip()]
         why = next((l for l in lines if "global" in l.lower()), lines[0] if lines else "")
-        raise ValueError(f"checkpoint {str(path)!r} was refused: it holds pickled objects other than tensors "
-                         f"({why[:160]}); selfalign never unpickles code -- re-save it as tensors only, e.g. "
-                         f"torch.save({{'ema': state_dict}}, path)") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} was refused: it holds pickled objects other than tensors "
+                              f"({why[:160]}); selfalign never unpickles code -- re-save it as tensors only, e.g. "
+                              f"torch.save({{'ema': state_dict}}, path)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise ValueError(f"checkpoint {str(path)!r} is not a readable PyTorch file ({first}); truncated?") from None
@@ -161,14 +162,14 @@ def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, 
     """Refuse with the first missing, misshapen or unexpected tensor (heads aside)."""
     for key, shape in expected.items():
         if key not in state:
-            raise ValueError(f"{what} does not fit: it lacks {key!r}{hint}")
+            raise CheckpointError(f"{what} does not fit: it lacks {key!r}{hint}")
         if tuple(state[key].shape) != shape:
-            raise ValueError(f"{what} does not fit: {key!r} has shape {tuple(state[key].shape)}, the preset "
-                             f"needs {shape}{hint}")
+            raise CheckpointError(f"{what} does not fit: {key!r} has shape {tuple(state[key].shape)}, the preset "
+                                  f"needs {shape}{hint}")
     head = HEAD_PATTERNS.get(layout)
     extra = sorted(k for k in state if k not in expected and not (head and head.match(k)))
     if extra:
-        raise ValueError(f"{what} does not fit: unexpected tensor {extra[0]!r}{hint}")
+        raise CheckpointError(f"{what} does not fit: unexpected tensor {extra[0]!r}{hint}")
 
 
 # -- the time-direction conversion ---------------------------------------------------------------

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from ..config.loader import check_choices
+from ..errors import ConfigError
 
 FlowSampler = Literal["euler", "heun", "euler_maruyama"]
 DDPMSampler = Literal["ddpm", "ddim"]
@@ -65,5 +66,5 @@ class SamplerConfig:
         """One line if this sampler cannot sample an objective of ``kind``."""
         allowed = FLOW_SAMPLERS if kind == "flow" else DDPM_SAMPLERS
         if self.name not in allowed:
-            raise ValueError(f"sampler.name={self.name!r} cannot sample a {kind} objective; "
-                             f"use one of {allowed}")
+            raise ConfigError(f"sampler.name={self.name!r} cannot sample a {kind} objective; "
+                              f"use one of {allowed}")

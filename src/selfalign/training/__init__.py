@@ -1,18 +1,6 @@
-"""Training: the per-step loss (:mod:`.step`), the trainer loop and its metrics, distributed helpers.
+"""Training: the per-step loss (:mod:`.step`), the trainer and its loop (:mod:`.trainer`,
+:mod:`.loop`), metrics, distributed helpers, held-out losses, sample grids and the demo report.
 
-Heavy pieces are imported on first use so ``import selfalign.training`` stays cheap.
+Import from the modules themselves (``from selfalign.training.trainer import train``): this
+package imports nothing, so ``selfalign.training.distributed`` does not pull in the trainer.
 """
-from __future__ import annotations
-
-
-def __getattr__(name):
-    if name in ("train", "Trainer", "TrainingStopped", "RunResult"):
-        from . import trainer
-        return getattr(trainer, name)
-    if name == "TrainingStep":
-        from .step import TrainingStep
-        return TrainingStep
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["train", "Trainer", "TrainingStopped", "RunResult", "TrainingStep"]

@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -108,5 +110,5 @@ def check_agreement(info: DistInfo, what: str, value) -> None:
     values = all_gather_objects(info, value)
     if any(v != values[0] for v in values):
         listing = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
-        raise ValueError(f"processes disagree on the {what} ({listing}); start every process with "
-                         f"the same config and run directory")
+        raise ConfigError(f"processes disagree on the {what} ({listing}); start every process with "
+                          f"the same config and run directory")
