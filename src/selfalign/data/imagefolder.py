@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .base import TrainingDataset
 from .transforms import center_crop_arr, uint8_to_model
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -39,7 +40,7 @@ def find_images(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, samples
 
 
-class ImageFolder(torch.utils.data.Dataset):
+class ImageFolder(TrainingDataset):
     """RGB images, ADM center-cropped to ``resolution``, in [-1, 1], with integer class labels."""
 
     channels = 3

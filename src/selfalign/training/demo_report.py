@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from .heldout import DEFAULT_TIMES, paired_difference
 
@@ -53,7 +54,6 @@ def _plot_curves(path: Path, results, series, ylabel_map) -> Path:
 
 
 def _side_by_side(path: Path, results) -> Path:
-    from PIL import Image, ImageDraw
     grids = [Image.open(r["grid"]).convert("RGB") for r in results]
     gap, title = 12, 18
     width = sum(g.width for g in grids) + gap * (len(grids) - 1)
