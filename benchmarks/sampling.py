@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, pick_device, print_table, summary, timed, write_json  # noqa: E402
+from common import environment, summary, timed, write_json  # noqa: E402
+from report import print_table  # noqa: E402
 
+from selfalign.devices import pick_device  # noqa: E402
 from selfalign.models.flops import forward_flops  # noqa: E402
 from selfalign.models import build_model  # noqa: E402
 from selfalign.objectives import FlowObjective  # noqa: E402
