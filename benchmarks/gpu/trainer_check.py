@@ -156,7 +156,7 @@ def main(argv=None) -> int:
             fp8_accuracy = (json.loads(accuracy_json.read_text())["rows"] if code == 0 and accuracy_json.is_file()
                             else {"status": f"exit {code}"})
         # The resumed run was 35 % slower than the first on an H200 (results/gpu-NVIDIA-H200-20261126):
-        # a fresh run in the now warm compile cache, and a resume that cannot use that cache, tell
+        # a fresh run in the warm compile cache, and a resume that cannot use that cache, tell
         # "after a resume" apart from "in a second process". The fp8 run is compared with the fresh
         # one (both later processes), not with the first run.
         controls = {}

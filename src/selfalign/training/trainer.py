@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config.experiment import ExperimentConfig, resume_mismatch, save_config
 from ..data import DataOrder, TrainingDataset, build_dataset, step_batches
 from ..ema import EMA
-from ..errors import CheckpointError, ConfigError, SelfalignError
+from ..errors import CheckpointError, ConfigError, SelfalignError, UsageError
 from ..evaluation.training_eval import evaluate
 from ..formats import checkpoint as ckpt_io
 from ..models.backbone import DiffusionTransformer
@@ -75,8 +75,8 @@ class Trainer:
         self.dataset: TrainingDataset = build_dataset(config.data, "train", with_images=self.needs_images)
         self._check_dataset()
         self.order = DataOrder(len(self.dataset), t.seed)
-        self.params = [p for p in self.step_module.parameters() if p.requires_grad]
-        self.optimizer = adamw(self.params, device, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+        params = [p for p in self.step_module.parameters() if p.requires_grad]
+        self.optimizer = adamw(params, device, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
         self.scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
         self.update = OptimizerUpdate(self.optimizer, self.ema, model, grad_clip=t.grad_clip,
                                       scaler=self.scaler, distributed=info.distributed)
@@ -124,7 +124,7 @@ class Trainer:
         if resume is None:
             existing = ckpt_io.latest_checkpoint(self.run_dir)
             if existing is not None:
-                raise ConfigError(f"run directory {self.run_dir} already has checkpoints ({existing.name}); "
+                raise UsageError(f"run directory {self.run_dir} already has checkpoints ({existing.name}); "
                                   f"pass --resume auto to continue it or choose another --run-dir")
             return None
         if resume == "auto":
@@ -148,7 +148,7 @@ class Trainer:
         state = ckpt_io.read_state(path)
         problem = resume_mismatch(state.get("config", {}), self.config)
         if problem:
-            raise ConfigError(f"cannot resume from {path}: {problem} (start a new --run-dir for a new run)")
+            raise CheckpointError(f"cannot resume from {path}: {problem} (start a new --run-dir for a new run)")
         device = self.info.device
         hint = " (checkpoint of another model preset?)"
         ckpt_io.load_module(self.model, ckpt_io.load_tensors(path, "model", device), "model", path, hint)
