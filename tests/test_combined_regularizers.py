@@ -28,14 +28,9 @@ IMAGENET_PRESETS = sorted(p.stem for p in PRESET_DIR.glob("sit-*-256-*.yaml")
                           if p.stem.rsplit("-", 1)[1] in METHODS)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a busy 2-core machine: one intra-op thread avoids spinning threads
-    (a preset's two trainer steps take seconds instead of tens of seconds here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models on a busy 2-core machine: one intra-op thread avoids spinning threads (a preset's
+# two trainer steps take seconds instead of tens of seconds here).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_sra_plus_dispersive_plus_sra2_each_weighted_and_logged(tiny_model):

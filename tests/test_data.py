@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from selfalign.data import DataOrder, FashionMNIST, ImageFolder, build_dataset, step_batches
+from selfalign.data import DataOrder, FashionMNIST, ImageFolder, TrainingDataset, build_dataset, step_batches
 from selfalign.data.fashion_mnist import ENV_VAR
 from selfalign.data.transforms import center_crop_arr, model_to_uint8, uint8_to_model
 from selfalign.errors import ConfigError, DataError
@@ -128,3 +128,17 @@ def test_build_dataset_from_config():
     config = load_config({"model": {"preset": "SiT-T/4"}})
     data = build_dataset(config.data, "test")
     assert isinstance(data, FashionMNIST) and len(data) == 10000
+
+
+def test_pixel_datasets_are_training_datasets_whose_batches_are_the_model_input(tmp_path):
+    fake_fashion(tmp_path, n=4)
+    (tmp_path / "images" / "only").mkdir(parents=True)
+    Image.new("RGB", (20, 20), (10, 20, 30)).save(tmp_path / "images" / "only" / "a.png")
+    for data, channels, classes in ((FashionMNIST("train", path=tmp_path), 1, 10),
+                                    (ImageFolder(tmp_path / "images", 16), 3, 1)):
+        assert isinstance(data, TrainingDataset) and data.flippable
+        assert (data.channels, data.num_classes) == (channels, classes)
+        x, y = data.__getitems__([0])
+        assert data.to_model(x, torch.Generator()) is x and data.decode(x) is x
+        assert y.dtype == torch.long
+

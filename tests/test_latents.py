@@ -14,6 +14,7 @@ from PIL import Image
 pytest.importorskip("diffusers")
 
 from selfalign.conventions import SD_VAE_SCALE
+from selfalign.data import TrainingDataset
 from selfalign.data.latents import LatentDataset, build_latent_dataset, draw_x0
 from selfalign.pipeline.prepare import PrepareConfig, prepare
 from selfalign.data.sources import ImageReader, list_images
@@ -150,3 +151,16 @@ def test_config_checks(prepared, tmp_path):
         build_latent_dataset(DataConfig(kind="latents", path=str(out["safetensors"]), resolution=32))
     with pytest.raises(DataError, match="selfalign prepare"):
         LatentDataset(tmp_path)
+
+
+def test_a_latent_dataset_is_a_training_dataset_that_draws_its_model_input(prepared):
+    _, _, out = prepared
+    ds = LatentDataset(out["safetensors"])
+    assert isinstance(ds, TrainingDataset) and not ds.flippable      # mirrored latents are stored examples
+    moments, labels = ds.__getitems__([0, 1])
+    assert ds.channels == ds.latent_shape[0] == moments.shape[1] // 2
+    mean, std = moments.chunk(2, dim=1)
+    x0 = ds.to_model(moments, torch.Generator().manual_seed(3))
+    assert torch.equal(x0, draw_x0(mean, std, torch.Generator().manual_seed(3), ds.scaling))
+    assert x0.shape == (2, *ds.latent_shape) and labels.tolist() == ds.labels[:2].tolist()
+

@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from selfalign.cli import main
-from conftest import load_kill_harness
+from conftest import load_kill_harness, one_thread
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,12 +141,8 @@ def files(tmp_path_factory):
             "logging": {"tensorboard": False, "progress_bar": False}}
     (base / "tiny.yaml").write_text(yaml.safe_dump(tiny))
     trained = base / "trained"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)        # module fixtures run before the single_thread fixture
-    try:
+    with one_thread():
         train(load_config(tiny), trained, log=lambda _m: None)
-    finally:
-        torch.set_num_threads(threads)
     (base / "checkpoints" / "step-000000009").mkdir(parents=True)      # incomplete: no state.json
     return {"files": base, "fm": fm, "trained": trained,
             "ckpt": trained / "checkpoints" / "step-000000002"}

@@ -34,13 +34,8 @@ MEANS4 = torch.tensor([[1.0, -0.5, 0.3, 0.8], [-1.0, 0.5, 0.0, -0.4], [0.2, 0.1,
 COV4_DIAG = torch.diag(torch.tensor([0.25, 0.5, 0.9, 0.4]))                      # DDPM: diagonal
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Thousands of tiny ops: threading only adds overhead on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Thousands of tiny ops: threading only adds overhead on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def linear_alphas_cumprod() -> torch.Tensor:

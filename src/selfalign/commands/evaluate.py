@@ -65,7 +65,7 @@ def _inception_args(p) -> None:
 
 
 def _device(name: str):
-    from ..training.distributed import pick_device
+    from ..devices import pick_device
     return pick_device(name)
 
 

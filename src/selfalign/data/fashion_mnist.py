@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from .base import TrainingDataset
 from .transforms import uint8_to_model
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -60,7 +61,7 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(dims)
 
 
-class FashionMNIST(torch.utils.data.Dataset):
+class FashionMNIST(TrainingDataset):
     """One split in memory: ``images`` uint8 ``(N, 1, S, S)``, ``labels`` int64 ``(N,)``.
 
     ``dataset[i]`` -> (image float32 ``(1, S, S)`` in [-1, 1], label); batched access through

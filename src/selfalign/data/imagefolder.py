@@ -14,6 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConfigError, DataError
+from .base import TrainingDataset
 from .transforms import center_crop_arr, uint8_to_model
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -40,7 +41,7 @@ def find_images(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, samples
 
 
-class ImageFolder(torch.utils.data.Dataset):
+class ImageFolder(TrainingDataset):
     """RGB images, ADM center-cropped to ``resolution``, in [-1, 1], with integer class labels."""
 
     channels = 3

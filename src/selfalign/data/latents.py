@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from ..errors import ConfigError, DataError
 from ..formats import shards as fmt
+from .base import TrainingDataset
 from .sources import ImageReader
 from .transforms import uint8_to_model
 from .vae import LatentScaling, LatentVAE
@@ -40,13 +41,15 @@ def draw_x0(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | 
     return (scaling or LatentScaling.constant()).to_model(mean.float() + std.float() * eps)
 
 
-class LatentDataset(torch.utils.data.Dataset):
+class LatentDataset(TrainingDataset):
     """Prepared latents: ``dataset[i] -> (mean, std, label)`` (``+ image`` with ``with_images``).
 
     ``__getitems__(indices)`` returns the trainer's batch ``(moments, labels[, images])`` with
     ``moments = cat([mean, std], dim=1)``; :meth:`to_model` turns it into the model input. Images
     are float in [-1, 1] ``(B, 3, H, W)`` like :class:`selfalign.data.imagefolder.ImageFolder`.
     """
+
+    flippable = False
 
     def __init__(self, root: str | os.PathLike, *, use_flips: bool = False, with_images: bool = False,
                  verify: str = "auto", normalization: str = "scale"):

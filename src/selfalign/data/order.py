@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import DataError
+from .base import TrainingDataset
 
 _MIX = 0x9E3779B97F4A7C15   # golden-ratio constant: spreads (seed, epoch) over the seed space
 
@@ -72,7 +73,7 @@ def _batched(batch):
     return batch
 
 
-def step_batches(dataset, order: DataOrder, global_batch: int, rank: int, world_size: int,
+def step_batches(dataset: TrainingDataset, order: DataOrder, global_batch: int, rank: int, world_size: int,
                  start_step: int, num_workers: int = 0, pin_memory: bool = False):
     """An endless iterator of ``(x, y)`` per-rank batches, step ``start_step`` first."""
     sampler = StepBatchSampler(order, global_batch, rank, world_size, start_step)

@@ -25,6 +25,7 @@ from ..conventions import SD_VAE_SCALE
 from ..data.sources import ImageReader, SourceListing, list_images
 from ..data.transforms import uint8_to_model
 from ..data.vae import DEFAULT_VAE, LatentVAE
+from ..devices import pick_device
 from ..errors import DataError, UsageError
 from ..formats import shards as fmt
 
@@ -115,14 +116,6 @@ def distributed_defaults() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment, (0, 1, 0) otherwise."""
     env = os.environ
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-
-
-def _device(config: PrepareConfig) -> torch.device:
-    if config.device:
-        return torch.device(config.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", distributed_defaults()[2] % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def _check_identity(out: Path, identity: dict) -> None:
@@ -257,7 +250,8 @@ def prepare(config: PrepareConfig, vae: LatentVAE | None = None) -> PrepareResul
 
     if pending:
         if vae is None:
-            vae = LatentVAE.load(config.vae, device=_device(config), dtype=PRECISIONS[config.precision],
+            device = pick_device(config.device or "auto", distributed_defaults()[2])
+            vae = LatentVAE.load(config.vae, device=device, dtype=PRECISIONS[config.precision],
                                  batch_size=config.batch_size)
         if config.image_size % vae.downsample_factor:
             raise UsageError(f"image size {config.image_size} is not divisible by the VAE's "

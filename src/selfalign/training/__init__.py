@@ -1,5 +1,15 @@
-"""Training: the per-step loss (:mod:`.step`), the trainer and its loop (:mod:`.trainer`,
-:mod:`.loop`), metrics, distributed helpers, held-out losses, sample grids and the demo report.
+"""Training, one module per concern:
+
+- :mod:`.step`: one step's loss (generative objective + regularizers, one student forward) and
+  the gradient accumulation over micro-batches;
+- :mod:`.update`: the optimizer update after the backward pass (clip, finiteness check, loss
+  scaling, step, EMA);
+- :mod:`.loop`: the schedule of steps, logs, grids, evaluations and checkpoints, and the
+  interface it drives (:class:`.loop.LoopHost`);
+- :mod:`.trainer`: :func:`.trainer.train` and the :class:`.trainer.Trainer` the loop drives;
+- :mod:`.outcome`, :mod:`.metrics`, :mod:`.distributed`, :mod:`.rng`, :mod:`.samples`: how a run
+  ends, its metrics log, process groups, random state, sample grids;
+- :mod:`.heldout`, :mod:`.demo_report`: the demo's held-out loss and its report.
 
 Import from the modules themselves (``from selfalign.training.trainer import train``): this
 package imports nothing, so ``selfalign.training.distributed`` does not pull in the trainer.
