@@ -195,3 +195,14 @@ def test_a_malicious_pickle_is_refused_and_never_run(tmp_path, capsys):
     assert main(["convert", "import", str(path), str(tmp_path / "run"), "--from", "sra"]) == 2
     assert "refused" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["convert", "import", "{tmp}/any.pt", "{tmp}/run", "--from", "sra", "--processes", "0"], "--processes must be >= 1"),
+    (["convert", "export", "{tmp}/run", "{tmp}/out.txt", "--to", "sra"], "use a .pt or .safetensors file name"),
+    (["convert", "export", "{tmp}/no-run", "{tmp}/out.pt", "--to", "sra"], "does not exist"),
+])
+def test_flag_and_path_mistakes_are_one_line_and_write_nothing(tmp_path, capsys, argv, fragment):
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1 and not any(tmp_path.iterdir())

@@ -18,6 +18,7 @@ from selfalign.errors import CheckpointError
 from selfalign.formats import checkpoint as ckpt_io
 from selfalign.models.backbone import DiffusionTransformer
 from selfalign.pipeline.convert import experiment_for, export_state, import_state, read_tensors
+from selfalign.pipeline.convert_args import RELEASED_ARGS
 from selfalign.pipeline.convert_optimizer import optimizer_to_released, released_parameter_names
 from selfalign.runs import load_for_inference
 
@@ -106,6 +107,11 @@ def test_the_manifest_says_where_it_comes_from():
     assert {(e["family"], name.split("-")[1][:1]) for name, e in LAYOUTS.items()} == {
         ("SiT", "S"), ("SiT", "B"), ("DiT", "S"), ("DiT", "B")}
     assert MANIFEST["checkpoint"]["keys"] == ["model", "ema", "opt", "args", "epoch", "steps"]
+
+
+def test_the_argument_table_is_the_released_train_py():
+    assert {family: list(args.items()) for family, args in RELEASED_ARGS.items()} == {
+        family: list(args.items()) for family, args in MANIFEST["args"].items()}
 
 
 @pytest.mark.parametrize("name", RUNNABLE)

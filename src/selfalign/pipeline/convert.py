@@ -6,9 +6,10 @@ complete, resumable run directory: ``config.yaml`` from the checkpoint's ``args`
 them), one checkpoint at the released step (so the epoch-based SRA weight continues where the
 authors' run stopped) with model, EMA, the SRA head and the AdamW moments. What selfalign's run
 state has no place for -- the EMA's own ``ap_head``, the released ``args``, ``epoch`` and the
-optimizer's group settings -- is kept beside it (``released.safetensors`` and
-``state.json["imported"]``), so exporting the imported checkpoint gives back the official file
-tensor for tensor. Nothing is written in place: the run directory and the exported file appear
+optimizer's group settings -- is kept beside it (``released.safetensors`` in the checkpoint,
+``state.json["imported"]`` and the run's ``imported.json``), so exporting the imported checkpoint
+gives back the official file tensor for tensor, and a checkpoint trained on from it keeps the
+released run's arguments. Nothing is written in place: the run directory and the exported file appear
 under their names only when complete.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = ["Converted", "LAYOUTS", "import_state", "export_state", "import_check
            "experiment_for", "read_tensors", "time_reflection"]
 
 SIDECAR = "released.safetensors"     # tensors of the released checkpoint selfalign's state has no place for
+RECORD = "imported.json"             # in the run directory: what was imported, for later checkpoints' export
 EMA_HEAD_PREFIX = "ema."
 OUTPUT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
@@ -221,6 +223,7 @@ def import_checkpoint(source: str | Path, layout: str, run_dir: str | Path, *, d
                                        {"optimizer": optimizer, "scaler": {}}, _json_safe(state))
         if converted.ema_head:
             ckpt_io.write_tensors({EMA_HEAD_PREFIX + k: v for k, v in converted.ema_head.items()}, ckpt / SIDECAR)
+        ckpt_io.write_text(json.dumps(_json_safe(state["imported"]), indent=1), staging / RECORD)
         if run_dir.is_dir():
             run_dir.rmdir()                 # empty (checked above); rename needs the name free
         os.rename(staging, run_dir)
@@ -298,7 +301,7 @@ def export_checkpoint(checkpoint: str | Path, layout: str, out_file: str | Path,
     state = ckpt_io.read_state(ckpt)
     config = experiment_from_dict(state["config"])
     tensors = {name: ckpt_io.load_tensors(ckpt, name) for name in ("model", "ema", "regularizers")}
-    imported = state.get("imported") or {}
+    imported = state.get("imported") or _run_record(ckpt)
     sidecar = ckpt_io.load_tensors(ckpt, SIDECAR.split(".")[0]) if (ckpt / SIDECAR).is_file() else {}
     ema_head = {k[len(EMA_HEAD_PREFIX):]: v for k, v in sidecar.items() if k.startswith(EMA_HEAD_PREFIX)}
     out, notes = export_state(tensors["model"], tensors["ema"], tensors["regularizers"], config.backbone_config(),
@@ -324,6 +327,18 @@ def export_checkpoint(checkpoint: str | Path, layout: str, out_file: str | Path,
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not write {str(out_file)!r}: {err}") from None
     return out_file, notes
+
+
+def _run_record(ckpt: Path) -> dict:
+    """The import record of the run a checkpoint belongs to (checkpoints the trainer wrote later
+    do not carry it), or {}."""
+    path = ckpt.parent.parent / RECORD
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is unreadable ({err}); delete it to export with the released defaults") from None
 
 
 def _released_training_checkpoint(out: dict, ckpt: Path, state: dict, config, imported: dict, trained: set,

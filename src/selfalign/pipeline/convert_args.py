@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..errors import UsageError
+
 # train.py's arguments and defaults, in declaration order (SiT-SRA at 1723f85; DiT-SRA lacks the
 # four SiT-only ones and defaults to loss_type "sml1" and t_max 0.1).
 SIT_ARGS = {
@@ -241,6 +243,9 @@ def config_to_args(config: dict, family: str, base: dict | None, processes: int 
     global_batch = int(get_key(config, "train.batch_size"))
     micro = int(get_key(config, "train.micro_batch", 0) or 0)
     per_process = micro or global_batch // processes
+    if per_process < 1:
+        raise UsageError(f"train.batch_size={global_batch} cannot be split over {processes} processes: "
+                         f"pass --processes with the released run's process count")
     batch = Batch(processes, max(1, global_batch // (processes * per_process)))
     if batch.images_per_step(per_process) != global_batch:
         notes.append(f"train.batch_size={global_batch} is not {processes} processes x a per-process batch "
