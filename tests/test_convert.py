@@ -3,6 +3,7 @@ round trips are exact, misfits are refused naming the first mismatch, pickled co
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import pytest
@@ -206,3 +207,20 @@ def test_flag_and_path_mistakes_are_one_line_and_write_nothing(tmp_path, capsys,
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert fragment in err and len(err.splitlines()) == 1 and not any(tmp_path.iterdir())
+
+
+def test_a_selfalign_preset_exports_as_the_released_arguments_and_says_what_differs():
+    from selfalign.config.experiment import load_config
+    from selfalign.pipeline.convert_args import RELEASED_ARGS, config_to_args
+
+    paper = json.loads(json.dumps(load_config("sit-xl2-256-sra").to_dict(), default=list))
+    args, notes = config_to_args(paper, "SiT", None)
+    assert list(args) == list(RELEASED_ARGS["SiT"])
+    assert (args["batch_size"], args["mixed_precision"], args["loss_type"]) == (32, "bf16", "sml1")
+    assert (args["block_out_s"], args["block_out_t"], args["t_max"], args["max_train_steps"]) == (8, 20, 0.2, 4_000_000)
+    assert [n for n in notes if "SRA weight" in n] == [
+        "the SRA weight here is 0.2 constant; the released code's resume uses 0.2 decaying by 10x every "
+        "1000 epochs after epoch 149"]
+    code = json.loads(json.dumps(load_config("dit-xl2-256-sra-code").to_dict(), default=list))
+    args, notes = config_to_args(code, "DiT", None, processes=4)
+    assert list(args) == list(RELEASED_ARGS["DiT"]) and args["batch_size"] == 64 and notes == []

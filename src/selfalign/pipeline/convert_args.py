@@ -114,7 +114,7 @@ RULES = [
     Rule("resolution", "data.resolution", _same, _same, checked=True),
     Rule("batch_size", "train.batch_size", lambda v, b, _g: b.images_per_step(v),
          lambda v, b, _g: v // (b.processes * b.accumulation)),
-    Rule("gradient_accumulation_steps", "train.micro_batch", lambda v, _b, g: g // (_b.processes * v) if v > 1 else 0,
+    Rule("gradient_accumulation_steps", "train.micro_batch", lambda v, b, g: g // (b.processes * v) if v > 1 else 0,
          lambda v, b, _g: b.accumulation),
     Rule("mixed_precision", "train.precision", _lookup(MIXED_TO_PRECISION), _lookup(_invert(MIXED_TO_PRECISION))),
     Rule("learning_rate", "train.lr", _same, _same),
@@ -293,5 +293,5 @@ def _weighting_notes(config: dict, family: str, args: dict) -> list[str]:
 def _describe_weight(w: dict) -> str:
     if w.get("weight_schedule") == "constant":
         return f"{w['weight']} constant"
-    return (f"{w['weight']} decaying by 10x every {w.get('decay_period')} epochs after epoch "
+    return (f"{w['weight']} decaying by 10x every {w.get('decay_period'):g} epochs after epoch "
             f"{w.get('decay_start_epoch')}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from ..models.backbone import BackboneConfig, DiffusionTransformer
-from .convert_layouts import SRA_HEAD_NAMES
 
 HEAD_ORDER = ("ap_head.linear1.weight", "ap_head.linear1.bias", "ap_head.linear2.weight", "ap_head.linear2.bias")
 
@@ -82,7 +81,3 @@ def fresh_optimizer(count: int, lr: float, betas, eps: float, weight_decay: floa
     params = [torch.zeros(1, requires_grad=True) for _ in range(count)]
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay).state_dict()
 
-
-def head_names_in_selfalign() -> list[str]:
-    """The SRA head's tensors in selfalign's names, in the trainer's order."""
-    return [f"{SRA_HEAD_NAMES[n.rpartition('.')[0]]}.{n.rpartition('.')[2]}" for n in HEAD_ORDER]
