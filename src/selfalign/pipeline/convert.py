@@ -100,6 +100,9 @@ def import_state(obj, layout: str, *, preset: str | None = None, input_size: int
         backbone = {k: v.float().contiguous() if v.is_floating_point() else v
                     for k, v in state.items() if k in expected}
         setattr(converted, name, sit_to_selfalign(backbone, cfg) if layout == "sit" else backbone)
+    if released.model is released.ema:
+        converted.notes.append("the file holds one state dict (a release's EMA weights): it serves as both the "
+                               "model and the EMA")
     if layout == "sit":
         converted.notes.append("time direction converted (t -> 1 - t folded into t_embedder.mlp.0, velocity sign "
                                "and the discarded sigma half folded into final_layer.linear)")
