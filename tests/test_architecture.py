@@ -20,29 +20,6 @@ PACKAGE = Path(selfalign.__file__).resolve().parent
 # Optional or slow-to-import dependencies a function may import when it needs them.
 HEAVY_OPTIONAL = ("diffusers", "matplotlib", "timm", "wandb", "torch.utils.tensorboard")
 
-# Known debts, owned by work in progress elsewhere; each entry is removed when that work lands,
-# and the tests below fail while an entry is no longer needed.
-TOLERATED_CYCLES = [
-    frozenset({"selfalign.training.trainer", "selfalign.training.loop", "selfalign.training.metrics"}),
-]
-TOLERATED_LOCAL_IMPORTS = {
-    ("config/experiment.py", "selfalign.models"),
-    ("config/experiment.py", "selfalign.regularizers"),
-    ("pipeline/convert.py", "argparse"),
-    ("pipeline/convert.py", "json"),
-    ("pipeline/convert.py", "safetensors.torch"),
-    ("pipeline/convert.py", "selfalign.config.experiment"),
-    ("pipeline/convert.py", "selfalign.formats"),
-    ("pipeline/convert.py", "selfalign.regularizers"),
-    ("training/loop.py", "selfalign.evaluation.training_eval"),
-    ("training/loop.py", "selfalign.regularizers"),
-    ("training/loop.py", "selfalign.training.trainer"),
-    ("training/loop.py", "tqdm"),
-    ("training/metrics.py", "PIL"),
-    ("training/metrics.py", "numpy"),
-    ("training/metrics.py", "selfalign.training.trainer"),
-    ("training/trainer.py", "selfalign.training.loop"),
-}
 
 
 def test_imports_point_down_the_layers():
@@ -101,11 +78,8 @@ def test_no_import_cycles():
     graph = grimp.build_graph("selfalign", cache_dir=None)
     imports = {module: set(graph.find_modules_directly_imported_by(module)) for module in graph.modules}
     cycles = [frozenset(c) for c in strongly_connected(imports) if len(c) > 1]
-    new = [sorted(c) for c in cycles if c not in TOLERATED_CYCLES]
-    assert not new, (f"import cycles {new}: move what the modules share into a lower module, or have "
+    assert not cycles, (f"import cycles {[sorted(c) for c in cycles]}: move what the modules share into a lower module, or have "
                      f"the lower one declare an interface the higher one implements")
-    gone = [sorted(c) for c in TOLERATED_CYCLES if c not in cycles]
-    assert not gone, f"the cycles {gone} are gone: remove them from TOLERATED_CYCLES"
 
 
 def local_imports(source: str, module: str) -> list[tuple[int, str]]:
@@ -140,7 +114,6 @@ def _allowed(module: str) -> bool:
 def test_functions_import_only_optional_heavy_dependencies():
     """Outside ``selfalign.commands`` (which keeps ``selfalign --help`` fast), imports sit at the top
     of the module: an import hidden in a function hides an upward import or a cycle from the checks."""
-    found = set()
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
         relative = path.relative_to(PACKAGE).as_posix()
@@ -150,10 +123,6 @@ def test_functions_import_only_optional_heavy_dependencies():
         for line, module in local_imports(path.read_text(), name):
             if _allowed(module):
                 continue
-            found.add((relative, module))
-            if (relative, module) not in TOLERATED_LOCAL_IMPORTS:
-                offenders.append(f"{relative}:{line} imports {module}")
+            offenders.append(f"{relative}:{line} imports {module}")
     assert not offenders, ("imports inside functions: move them to the top of the module (only "
                            f"{', '.join(HEAVY_OPTIONAL)} may be imported where needed)\n" + "\n".join(offenders))
-    gone = sorted(TOLERATED_LOCAL_IMPORTS - found)
-    assert not gone, f"{gone} no longer import inside a function: remove them from TOLERATED_LOCAL_IMPORTS"

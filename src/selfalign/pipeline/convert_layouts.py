@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from ..errors import CheckpointError
 from ..models.backbone import BackboneConfig, DiffusionTransformer
@@ -69,7 +70,6 @@ def read_tensors(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
         try:
             return load_file(str(path))
         except Exception as err:     # safetensors raises its own error types for damaged files
