@@ -28,7 +28,8 @@ from ..errors import CheckpointError, UsageError
 from ..formats import checkpoint as ckpt_io
 from ..models import backbone_config, parse_preset
 from ..models.backbone import BackboneConfig, DiffusionTransformer
-from ..regularizers import REGISTRY, SRAConfig
+from ..regularizers import REGISTRY
+from ..regularizers.sra import SRAConfig
 from .convert_args import (DEFAULT_PROCESSES, IMAGENET_TRAIN_IMAGES, LOSS_TO_DISTANCE, RELEASED_ARGS,
                            args_to_config, config_to_args, sra_settings)
 from .convert_layouts import (LAYOUTS, Released, check_layout, check_shapes, family_of, heads_to_original,
