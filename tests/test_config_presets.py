@@ -97,3 +97,13 @@ def test_resume_mismatch_allows_schedule_changes_only():
     assert resume_mismatch(base.to_dict(), longer) is None
     other = load_config("fmnist-cpu-tiny-sra", ["regularizers.sra.weight=0.5"])
     assert "regularizers.sra.weight is 0.2 in the checkpoint but 0.5 now" == resume_mismatch(base.to_dict(), other)
+
+
+def test_resume_accepts_a_setting_added_since_the_checkpoint_at_its_default():
+    current = load_config("fmnist-cpu-tiny-sra")
+    older = current.to_dict()
+    del older["regularizers"]["sra"]["head_init"]
+    assert resume_mismatch(older, current) is None
+    changed = load_config("fmnist-cpu-tiny-sra", ["regularizers.sra.head_init=torch_default"])
+    assert resume_mismatch(older, changed) == ("regularizers.sra.head_init is '<unset>' in the checkpoint "
+                                               "but 'torch_default' now")
