@@ -151,7 +151,9 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    sampler: SamplerConfig | None = None     # training sample grids; None: a fast default
+    # the training grids' sampler and `selfalign sample`'s defaults (a preset's recorded sampling);
+    # None: 50-step grids, 250-step SDE/DDPM samples without guidance
+    sampler: SamplerConfig | None = None
 
     # -- derived ---------------------------------------------------------------------------
     def backbone_config(self):
