@@ -87,6 +87,19 @@ def test_released_code_presets_sample_as_released_by_default(name):
     assert (s.name, s.steps, s.cfg_scale) == (RELEASED_SAMPLING[name][0], 50, 1.0)
 
 
+def test_dts_code_preset_holds_the_released_scripts_settings():
+    # SiT-SRA_DTS_AS/scripts/train.sh: SiT-B/2 3 -> 8, --mask-ratio 0.25, --dual-time-scheduling,
+    # --attention-separation, --teacher-mask, --teacher-t sra, --loss-type cos, --align-weight 0.5, fp16
+    config = load_config("sit-b2-256-dts-code")
+    dts = config.regularizers["dts"]
+    assert (config.model.preset, dts.student_layer, dts.teacher_layer) == ("SiT-B/2", 3, 8)
+    assert (dts.fraction, dts.dual_timestep, dts.attention_separation) == (0.25, True, True)
+    assert (dts.teacher_time, dts.teacher_k_max, dts.teacher_attention_separation) == ("per_group", 0.2, True)
+    assert (dts.teacher_labels, dts.teacher_truncate, dts.head_init) == ("raw", False, "xavier")
+    assert (dts.distance, dts.weight, config.train.precision) == ("channel_cosine", 0.5, "fp16")
+    assert load_config("sit-b2-256-dts").regularizers["dts"].teacher_labels == "dropped"
+
+
 def test_sra_layers_default_from_the_model_preset():
     config = load_config({"model": {"preset": "SiT-L/2"}, "regularizers": {"sra": {"weight": 0.5}},
                           "data": {"kind": "latents", "path": "x", "resolution": 256}})
