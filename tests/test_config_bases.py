@@ -97,10 +97,14 @@ def test_shared_bases_are_not_presets_and_each_is_used():
 
 
 @pytest.mark.parametrize("path", [*PRESET_FILES, *SHARED], ids=lambda p: p.relative_to(PRESET_DIR).as_posix())
-def test_each_file_says_what_it_is_in_one_line_and_claims_no_speed(path):
+def test_each_file_says_what_it_is_and_how_it_differs_and_claims_no_speed(path):
     lines = path.read_text().splitlines()
-    assert lines[0].startswith("# ") and not lines[1].startswith("#")
+    header = "\n".join(line for line in lines[:next(i for i, line in enumerate(lines) if not line.startswith("#"))])
+    assert lines[0].startswith("# ")                               # the first line says what it is
     assert not SPEED_CLAIM.search(path.read_text())
+    if path.parent == PRESET_DIR:   # a preset lists what differs from the paper or the released code
+        imagenet = load_config(path.stem).data.kind == "latents"
+        assert re.search(r"\bDiffers? from\b|where the released", header) if imagenet else "Not a paper row" in header
     data = yaml.safe_load(path.read_text())
     assert ("name" in data) == (path.parent == PRESET_DIR)       # a preset names itself, a base does not
     if "name" in data:

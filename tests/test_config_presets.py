@@ -34,21 +34,70 @@ def test_preset_loads_with_the_papers_hyperparameters(name, tmp_path):
         if "sra" in config.regularizers:
             sra = config.regularizers["sra"]
             assert (sra.student_layer, sra.teacher_layer) == PAPER_LAYERS[config.model.preset]
-            assert sra.k_max == 0.2 and sra.distance == "smooth_l1"
-            if name.endswith("-code"):
-                start = 149 if config.data.resolution == 256 else 99
-                assert (sra.weight_schedule, sra.decay_start_epoch) == ("official_decay", start)
+            assert sra.k_max == 0.2 and sra.head_init == "xavier"
+            released = "-sra-code" in name
+            assert (sra.teacher_truncate, sra.teacher_precision, t.precision) == (
+                (False, "fp32", "fp16") if released else (True, "autocast", "bf16"))
+            if released and family == "SiT" and not name.endswith("-legacy"):   # train.py's default
+                assert (sra.distance, sra.weight, sra.weight_schedule) == ("channel_cosine", 0.5, "constant")
+            elif released:      # the released smooth-L1 loop: base weight, decaying with the epoch
+                start, period = (149, 1000.0) if config.data.resolution == 256 else (99, 800.0)
+                assert (sra.distance, sra.weight_schedule, sra.decay_start_epoch, sra.decay_period) == (
+                    "smooth_l1", "official_decay", start, period)
                 assert sra.weight == (0.04 if family == "DiT" else 0.2)
             else:
-                assert (sra.weight, sra.weight_schedule) == (0.2, "constant")
+                assert (sra.distance, sra.weight, sra.weight_schedule) == ("smooth_l1", 0.2, "constant")
     if name.endswith("-vanilla"):
         assert config.regularizers == {}
-    if name.endswith(("-sra", "-sra-code")):
+    if name.endswith(("-sra", "-sra-code", "-sra-code-legacy")):
         assert set(config.regularizers) == {"sra"}
     # A saved config loads back to the same run.
     save_config(config, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again.hash() == config.hash() and resume_mismatch(config.to_dict(), again) is None
+
+
+# The released sampling of each released-code preset: (sampler, steps, CFG scale, guidance interval).
+RELEASED_SAMPLING = {
+    "sit-xl2-256-sra-code": ("euler_maruyama", 250, 1.8, (0.0, 0.7)),          # SiT-SRA/gen.sh
+    "sit-xl2-256-sra-code-legacy": ("euler_maruyama", 250, 1.8, (0.0, 0.7)),
+    "sit-xl2-512-sra-code": ("euler_maruyama", 250, 2.5, (0.0, 0.7)),          # README: CFG 2.5 + an interval
+    "sit-xl2-512-sra-code-legacy": ("euler_maruyama", 250, 2.5, (0.0, 0.7)),
+    "dit-xl2-256-sra-code": ("ddpm", 250, 1.0, (0.0, 1.0)),                    # DiT-SRA/gen.sh
+    "dit-xl2-512-sra-code": ("ddpm", 250, 1.0, (0.0, 1.0)),
+}
+
+
+def test_every_released_code_preset_records_its_sampling():
+    assert {n for n in preset_names() if "-sra-code" in n} == set(RELEASED_SAMPLING)
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED_SAMPLING))
+def test_released_code_presets_sample_as_released_by_default(name):
+    from selfalign.cli import build_parser
+    from selfalign.commands.sample import sampler_config
+
+    config = load_config(name)
+    args = build_parser().parse_args(["sample", "run", "--out", "out"])
+    s = sampler_config(args, config.objective.kind, config.sampler)
+    assert (s.name, s.steps, s.cfg_scale, (s.guidance_low, s.guidance_high)) == RELEASED_SAMPLING[name]
+    assert (s.diffusion, s.last_step, s.legacy_cfg_channels) == ("2t", 0.04, None)   # the released SDE, all channels
+    args = build_parser().parse_args(["sample", "run", "--out", "out", "--cfg-scale", "1", "--steps", "50"])
+    s = sampler_config(args, config.objective.kind, config.sampler)
+    assert (s.name, s.steps, s.cfg_scale) == (RELEASED_SAMPLING[name][0], 50, 1.0)
+
+
+def test_dts_code_preset_holds_the_released_scripts_settings():
+    # SiT-SRA_DTS_AS/scripts/train.sh: SiT-B/2 3 -> 8, --mask-ratio 0.25, --dual-time-scheduling,
+    # --attention-separation, --teacher-mask, --teacher-t sra, --loss-type cos, --align-weight 0.5, fp16
+    config = load_config("sit-b2-256-dts-code")
+    dts = config.regularizers["dts"]
+    assert (config.model.preset, dts.student_layer, dts.teacher_layer) == ("SiT-B/2", 3, 8)
+    assert (dts.fraction, dts.dual_timestep, dts.attention_separation) == (0.25, True, True)
+    assert (dts.teacher_time, dts.teacher_k_max, dts.teacher_attention_separation) == ("per_group", 0.2, True)
+    assert (dts.teacher_labels, dts.teacher_truncate, dts.head_init) == ("raw", False, "xavier")
+    assert (dts.distance, dts.weight, config.train.precision) == ("channel_cosine", 0.5, "fp16")
+    assert load_config("sit-b2-256-dts").regularizers["dts"].teacher_labels == "dropped"
 
 
 def test_sra_layers_default_from_the_model_preset():
@@ -97,3 +146,13 @@ def test_resume_mismatch_allows_schedule_changes_only():
     assert resume_mismatch(base.to_dict(), longer) is None
     other = load_config("fmnist-cpu-tiny-sra", ["regularizers.sra.weight=0.5"])
     assert "regularizers.sra.weight is 0.2 in the checkpoint but 0.5 now" == resume_mismatch(base.to_dict(), other)
+
+
+def test_resume_accepts_a_setting_added_since_the_checkpoint_at_its_default():
+    current = load_config("fmnist-cpu-tiny-sra")
+    older = current.to_dict()
+    del older["regularizers"]["sra"]["head_init"]
+    assert resume_mismatch(older, current) is None
+    changed = load_config("fmnist-cpu-tiny-sra", ["regularizers.sra.head_init=torch_default"])
+    assert resume_mismatch(older, changed) == ("regularizers.sra.head_init is '<unset>' in the checkpoint "
+                                               "but 'torch_default' now")

@@ -174,3 +174,41 @@ def test_training_step_gradients_and_frozen_teacher(tiny_model):
     assert all(p.grad is not None for p in reg.head.parameters())
     assert all(p.grad is None and not p.requires_grad for p in ema.model.parameters())
     assert not {id(p) for p in ema.model.parameters()} & {id(p) for p in step.parameters()}
+
+
+class LabelSpy(nn.Module):
+    """The EMA model, remembering the labels of every forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.labels = model, []
+
+    def forward(self, x, t, y, **kw):
+        self.labels.append(y.clone())
+        return self.model(x, t, y, **kw)
+
+
+@pytest.mark.parametrize("teacher_labels", ["dropped", "raw"])
+def test_teacher_gets_the_students_dropped_labels_or_the_raw_ones(tiny_model, teacher_labels):
+    # label dropout 1: the student sees only the null class; the released script's teacher (an EMA
+    # in eval mode, whose label embedder drops nothing) sees the batch's own labels
+    model = tiny_model(input_size=8, in_channels=2, num_classes=10)
+    teacher = LabelSpy(EMA(model).model)
+    student = []
+    model.register_forward_pre_hook(lambda _m, args: student.append(args[2].clone()))
+    reg = DTS(DTSConfig(student_layer=2, teacher_layer=4, teacher_labels=teacher_labels), model.config)
+    labels = torch.tensor([3, 1, 4])
+    TrainingStep(model, FlowObjective(), {"dts": reg}, label_dropout=1.0)(
+        torch.randn(3, 2, 8, 8), labels, teacher=teacher, generator=torch.Generator().manual_seed(0))
+    null = torch.full((3,), 10)
+    assert torch.equal(student[0], null)
+    assert torch.equal(teacher.labels[0], labels if teacher_labels == "raw" else null)
+
+
+def test_raw_teacher_labels_need_them_in_the_context(tiny_model):
+    model = tiny_model(input_size=8, in_channels=2)
+    reg, ctx, _ = prepared(model, DTSConfig(student_layer=2, teacher_layer=4, teacher_labels="raw"))
+    ctx.teacher = EMA(model).model
+    _, ctx.features = model(ctx.x_t, ctx.t, ctx.y, taps=[2], attn_groups=ctx.attn_groups)
+    with pytest.raises(RuntimeError, match="dts.teacher_labels=raw needs the labels before the dropout"):
+        reg(ctx)

@@ -12,23 +12,27 @@ from selfalign.evaluation.generate import (SamplePlan, generate_shards, make_dra
                                            sample_noise, shard_path)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny Fashion-MNIST SiT (32 px, patch 8) saved as a selfalign checkpoint."""
+def save_tiny_run(run, **sections):
+    """A tiny Fashion-MNIST SiT (32 px, patch 8) saved as a selfalign checkpoint in ``run``."""
     from conftest import randomize_zero_init
     from selfalign.config.experiment import load_config
     from selfalign.models.backbone import DiffusionTransformer
     from selfalign.formats.checkpoint import save_checkpoint
 
-    config = load_config({"model": {"preset": "SiT-T/8"}, "data": {"kind": "fashion_mnist", "resolution": 32}})
+    config = load_config({"model": {"preset": "SiT-T/8"}, "data": {"kind": "fashion_mnist", "resolution": 32},
+                          **sections})
     torch.manual_seed(0)
     model = randomize_zero_init(DiffusionTransformer(config.backbone_config()))
     weights = model.state_dict()
-    run = tmp_path_factory.mktemp("ckpt") / "run"
     save_checkpoint(run, 1, {"model": weights, "ema": weights, "regularizers": {}},
                     {"optimizer": {"state": {}, "param_groups": []}},
                     {"config": json.loads(json.dumps(config.to_dict(), default=list))})
     return run
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_run(tmp_path_factory.mktemp("ckpt") / "run")
 
 
 SAMPLE_ARGS = ["-n", "10", "--sampler", "euler_maruyama", "--steps", "3", "--batch-size", "2",
@@ -155,3 +159,26 @@ def test_default_batch_and_shard_sizes_work_together(checkpoint, tmp_path):
     args = ["-n", "3", "--sampler", "euler", "--steps", "2", "--device", "cpu", "--no-progress"]
     assert main(["sample", str(checkpoint), "--out", str(tmp_path / "defaults"), *args]) == 0
     assert read(tmp_path / "defaults" / "samples.npz")[0].shape == (3, 32, 32, 3)
+
+
+def plan_sampler(out):
+    return json.loads((out / "plan.json").read_text())["sampler"]
+
+
+def test_the_runs_sampler_section_gives_the_defaults_and_flags_override_it(checkpoint, tmp_path):
+    """A run whose config records a sampler (as the released-code presets do) samples with it."""
+    recorded = {"name": "euler_maruyama", "steps": 2, "cfg_scale": 2.5, "guidance_low": 0.0, "guidance_high": 0.7}
+    run = save_tiny_run(tmp_path / "run", sampler=recorded)
+    common = ["-n", "2", "--batch-size", "2", "--device", "cpu", "--no-progress"]
+
+    assert main(["sample", str(run), "--out", str(tmp_path / "recorded"), *common]) == 0
+    assert {k: plan_sampler(tmp_path / "recorded")[k] for k in recorded} == recorded
+    assert main(["sample", str(run), "--out", str(tmp_path / "flags"), *common, "--cfg-scale", "1.0",
+                 "--guidance-interval", "0", "1", "--sampler", "euler"]) == 0
+    assert {k: plan_sampler(tmp_path / "flags")[k] for k in recorded} == {
+        **recorded, "name": "euler", "cfg_scale": 1.0, "guidance_high": 1.0}
+    # a run without a sampler section: the SDE without guidance
+    assert main(["sample", str(checkpoint), "--out", str(tmp_path / "bare"), *common, "--steps", "1"]) == 0
+    bare = plan_sampler(tmp_path / "bare")
+    assert (bare["name"], bare["cfg_scale"], bare["guidance_low"], bare["guidance_high"]) == \
+        ("euler_maruyama", 1.0, 0.0, 1.0)

@@ -282,6 +282,49 @@ def test_validation_errors(overrides, message):
     assert str(err.value) == message
 
 
+# -- the head's initial weights ----------------------------------------------------------------
+HEAD_WIDTH = 256    # Linear(256, 512) and Linear(512, 256): 131,072 weights each
+
+
+def uniform_std(bound: float) -> float:
+    """Standard deviation of U(-bound, bound)."""
+    return bound / math.sqrt(3.0)
+
+
+@pytest.mark.parametrize("regularizer", ["sra", "dts"])
+def test_head_starts_as_the_released_models_linears(regularizer):
+    # xavier-uniform: U(-a, a) with a = sqrt(6 / (fan_in + fan_out)); biases zero. The sample std
+    # of n = 131,072 uniform draws is within 0.45 / sqrt(n) = 0.13 % of the true one (1 sigma).
+    torch.manual_seed(0)
+    config_class, _ = REGISTRY[regularizer]
+    head = build_regularizer(regularizer, config_class(student_layer=2, teacher_layer=4),
+                             BackboneConfig(hidden_size=HEAD_WIDTH, depth=6)).head
+    for layer in (head[0], head[2]):
+        fan_in, fan_out = layer.in_features, layer.out_features
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        w = layer.weight.detach().double()
+        assert torch.count_nonzero(layer.bias) == 0
+        assert w.abs().max() <= bound and w.abs().max() > 0.99 * bound
+        assert w.std().item() == pytest.approx(uniform_std(bound), rel=0.01)
+        assert abs(w.mean().item()) < 0.01 * uniform_std(bound)
+
+
+def test_head_init_torch_default_keeps_nn_linear_init():
+    # nn.Linear: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)); narrower than xavier here.
+    torch.manual_seed(0)
+    head = SRA(SRAConfig(student_layer=2, teacher_layer=4, head_init="torch_default"),
+               BackboneConfig(hidden_size=HEAD_WIDTH, depth=6)).head
+    for layer in (head[0], head[2]):
+        bound = 1.0 / math.sqrt(layer.in_features)
+        assert layer.weight.detach().double().std().item() == pytest.approx(uniform_std(bound), rel=0.01)
+        assert torch.count_nonzero(layer.bias) == layer.out_features and layer.bias.abs().max() <= bound
+
+
+def test_head_init_is_a_closed_choice():
+    with pytest.raises(ConfigError, match="sra.head_init: expected one of 'xavier', 'torch_default', got 'kaiming'"):
+        SRA(SRAConfig(student_layer=2, teacher_layer=4, head_init="kaiming"), BackboneConfig(hidden_size=64, depth=6))
+
+
 def test_registry_builds_sra_for_a_model(tiny_model):
     model = tiny_model("SiT-T/2", input_size=8)
     config_class, _ = REGISTRY["sra"]

@@ -17,11 +17,12 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (samples.npz, shards/, png/)")
     p.add_argument("-n", "--num-samples", type=int, default=50000)
     p.add_argument("--sampler", default=None, help="euler | heun | euler_maruyama | ddpm | ddim "
-                   "(default: euler_maruyama for flows, ddpm for DDPM)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 250)")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+                   "(default: the run's; without one euler_maruyama for flows, ddpm for DDPM)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's, else 250)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale, 1 = off (default: the run's, else 1)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                   help="guide only for t in [LOW, HIGH] (e.g. 0 0.7)")
+                   help="guide only for t in [LOW, HIGH] (e.g. 0 0.7; default: the run's, else 0 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other sampler setting, e.g. --set diffusion=sigma --set eta=1.0")
     p.add_argument("--seed", type=int, default=0)
@@ -41,15 +42,23 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def sampler_config(args, objective_kind: str):
-    """A :class:`SamplerConfig` from the flags and ``--set`` overrides, strictly typed."""
+def sampler_config(args, objective_kind: str, recorded=None):
+    """A :class:`SamplerConfig`, strictly typed: the run's own (``recorded``, its config's
+    ``sampler:`` section, where a preset records how its authors sampled), else 250 steps of the
+    SDE (flows) or DDPM without guidance; each flag and ``--set`` override replaces one value."""
+    from dataclasses import asdict
+
     from ..config.loader import apply_overrides, from_dict
     from ..sampling import SamplerConfig
 
-    values = {"name": args.sampler or ("ddpm" if objective_kind == "ddpm" else "euler_maruyama"),
-              "cfg_scale": args.cfg_scale}
+    values = (asdict(recorded) if recorded is not None
+              else {"name": "ddpm" if objective_kind == "ddpm" else "euler_maruyama"})
+    if args.sampler:
+        values["name"] = args.sampler
     if args.steps is not None:
         values["steps"] = args.steps
+    if args.cfg_scale is not None:
+        values["cfg_scale"] = args.cfg_scale
     if args.guidance_interval:
         values["guidance_low"], values["guidance_high"] = args.guidance_interval
     values = apply_overrides(values, args.set)
@@ -94,7 +103,7 @@ def run(args) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)      # a run dir's newest: fixed for resumes
     model, objective, config = load_for_inference(checkpoint, use_ema=not args.raw_weights)
     model = model.to(info.device).eval()
-    sampler = sampler_config(args, objective.kind)
+    sampler = sampler_config(args, objective.kind, config.sampler)
     out = Path(args.out)
     plan = SamplePlan(checkpoint=str(checkpoint.resolve()), num_samples=args.num_samples,
                       seed=args.seed, batch_size=args.batch_size,

@@ -151,7 +151,9 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    sampler: SamplerConfig | None = None     # training sample grids; None: a fast default
+    # the training grids' sampler and `selfalign sample`'s defaults (a preset's recorded sampling);
+    # None: 50-step grids, 250-step SDE/DDPM samples without guidance
+    sampler: SamplerConfig | None = None
 
     # -- derived ---------------------------------------------------------------------------
     def backbone_config(self):
@@ -286,12 +288,26 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
 
 
+def _defaults(current: ExperimentConfig) -> dict[str, Any]:
+    """Every key of ``current`` at its schema default (regularizers: for the model preset)."""
+    tree = to_dict(ExperimentConfig())
+    tree["regularizers"] = {name: to_dict(type(reg).for_model(current.model.preset))
+                            for name, reg in current.regularizers.items()}
+    return _flatten(json.loads(json.dumps(tree, default=list)))
+
+
 def resume_mismatch(saved: dict, current: ExperimentConfig) -> str | None:
-    """The first setting that makes ``current`` a different run from the checkpoint's ``saved``."""
+    """The first setting that makes ``current`` a different run from the checkpoint's ``saved``.
+
+    A key the checkpoint's config lacks (a setting added since it was written) is no mismatch
+    while it holds its default."""
     old = _flatten(json.loads(json.dumps(saved, default=list)))
     new = _flatten(json.loads(json.dumps(current.to_dict(), default=list)))
+    defaults = _defaults(current)
     for key in sorted(set(old) | set(new)):
         if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES):
+            continue
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
             continue
         if old.get(key, "<unset>") != new.get(key, "<unset>"):
             return f"{key} is {old.get(key, '<unset>')!r} in the checkpoint but {new.get(key, '<unset>')!r} now"

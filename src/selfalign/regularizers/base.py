@@ -71,6 +71,7 @@ class StepContext:
     attn_groups: torch.Tensor | None = None         # set by prepare() for attention separation
     features: dict[int, torch.Tensor] = field(default_factory=dict)   # student taps
     model_output: torch.Tensor | None = None
+    labels: torch.Tensor | None = None  # the labels before the CFG dropout (None: not given)
 
 
 @dataclass

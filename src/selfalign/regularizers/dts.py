@@ -12,12 +12,14 @@ Per step, in :meth:`DTS.prepare`:
 4. with *attention separation* ``ctx.attn_groups`` holds the group ids, so tokens attend only
    within their own noise level (a block mask in scaled-dot-product attention).
 
-The EMA teacher (raw block ``n``, no gradient) sees, by default, the whole image at the lower noise
-level ``min(t, t2)`` with full attention; ``teacher_time="per_group"`` gives each group its own
-time instead, optionally with the group mask (``teacher_attention_separation``) and SRA's earlier
-time ``t - k``, ``k ~ U[0, teacher_k_max)``. The released training script uses
-``per_group`` + ``teacher_k_max=0.2`` + ``teacher_attention_separation=True``. The student's block
-``m`` through SRA's head predicts those features with the cosine loss, weight 0.5.
+The EMA teacher (raw block ``n``, no gradient) sees, by default, the student's (dropped) labels
+and the whole image at the lower noise level ``min(t, t2)`` with full attention;
+``teacher_time="per_group"`` gives each group its own time instead, optionally with the group mask
+(``teacher_attention_separation``) and SRA's earlier time ``t - k``, ``k ~ U[0, teacher_k_max)``.
+The released training script uses ``per_group`` + ``teacher_k_max=0.2`` +
+``teacher_attention_separation=True`` and gives its teacher the raw labels
+(``teacher_labels="raw"``). The student's block ``m`` through SRA's head predicts those features
+with the cosine loss, weight 0.5.
 
 Only training changes: inference uses full attention and one time per image, as always.
 """
@@ -43,6 +45,9 @@ class DTSConfig(StudentTeacherConfig):
     teacher_time: Literal["min", "per_group"] = "min"   # whole image at min(t, t2), or each its own
     teacher_k_max: float = 0.0      # SRA's earlier teacher time (released script: 0.2)
     teacher_attention_separation: bool = False   # group mask for the teacher too
+    # the teacher's labels: the student's, after the CFG dropout, as SRA; or the batch's own, as the
+    # released script (its EMA runs in eval mode, where the model's label embedder drops nothing)
+    teacher_labels: Literal["dropped", "raw"] = "dropped"
     distance: Distance = "cosine"   # per-token 1 - cos; "channel_cosine" is the released code's
     weight: float = 0.5
 
@@ -101,8 +106,11 @@ class DTS(StudentTeacherRegularizer):
         t_teacher = self.teacher_time(ctx)
         x_teacher = obj.interpolate(ctx.x0, ctx.noise, t_teacher)
         groups = self._step[0] if c.teacher_attention_separation else None
+        if c.teacher_labels == "raw" and ctx.labels is None:
+            raise RuntimeError("dts.teacher_labels=raw needs the labels before the dropout (StepContext.labels)")
+        labels = ctx.labels if c.teacher_labels == "raw" else ctx.y
         with torch.no_grad(), ctx.autocast():
-            _, feats = ctx.teacher(x_teacher, obj.model_time(t_teacher), ctx.y, taps=[c.teacher_layer],
+            _, feats = ctx.teacher(x_teacher, obj.model_time(t_teacher), labels, taps=[c.teacher_layer],
                                    features_only=c.teacher_truncate, attn_groups=groups)
         return feats[c.teacher_layer]
 

@@ -42,6 +42,9 @@ def preset_layers(preset: str, method: str = "SRA") -> tuple[int, int]:
 # attention/MLP linears as row-scaled e4m3 matmuls (selfalign.models.fp8): for Ada/Hopper GPUs; a
 # CPU runs PyTorch's emulated kernel, slower than "autocast", for tests.
 TeacherPrecision = Literal["autocast", "fp32", "fp8"]
+# "xavier": the released models initialise every Linear, ap_head included, with xavier-uniform
+# weights and zero biases; "torch_default": nn.Linear's own Kaiming-uniform weights and biases.
+HeadInit = Literal["xavier", "torch_default"]
 
 
 @dataclass
@@ -52,6 +55,7 @@ class StudentTeacherConfig(RegularizerConfig):
     teacher_layer: int = 20
     distance: Distance = "smooth_l1"    # SRA paper: smooth_l1 (beta 0.05); SRA code: channel_cosine
     head: bool = True               # the paper's "no projection head" ablation sets False
+    head_init: HeadInit = "xavier"  # the released code's init of the head
     teacher_truncate: bool = True   # stop the teacher after block n (False: released code)
 
     @classmethod
@@ -90,9 +94,14 @@ class SRAConfig(StudentTeacherConfig):
         self.check_at_least("decay_period", 0.0, strict=True)
 
 
-def projection_head(dim: int) -> nn.Sequential:
+def projection_head(dim: int, init: HeadInit = "xavier") -> nn.Sequential:
     """Linear(D, 2D) -> SiLU -> Linear(2D, D): on the student only, discarded after training."""
-    return nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
+    head = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
+    if init == "xavier":
+        for layer in (head[0], head[2]):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    return head
 
 
 class StudentTeacherRegularizer(Regularizer):
@@ -101,7 +110,7 @@ class StudentTeacherRegularizer(Regularizer):
     def __init__(self, config: StudentTeacherConfig, backbone: BackboneConfig):
         super().__init__(config, backbone)
         self.distance = get_distance(config.distance)
-        self.head = projection_head(backbone.hidden_size) if config.head else nn.Identity()
+        self.head = projection_head(backbone.hidden_size, config.head_init) if config.head else nn.Identity()
 
     def student_layers(self):
         return (self.config.student_layer,)

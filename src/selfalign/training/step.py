@@ -36,12 +36,13 @@ class TrainingStep(nn.Module):
                 autocast: Callable[[], ContextManager] = contextlib.nullcontext):
         """Returns ``(total_loss, {"gen": ..., "<regularizer>": unweighted loss, ...})``."""
         obj, model = self.objective, self.model
-        y = drop_labels(y, self.label_dropout, model.config.num_classes, generator)
+        labels, y = y, drop_labels(y, self.label_dropout, model.config.num_classes, generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         t = obj.sample_time(x0.shape[0], x0.device, generator)
         ctx = StepContext(model=model, objective=obj, x0=x0, noise=noise, t=t,
                           x_t=obj.interpolate(x0, noise, t), y=y, teacher=teacher, images=images,
-                          progress=progress or Progress(), generator=generator, autocast=autocast)
+                          progress=progress or Progress(), generator=generator, autocast=autocast,
+                          labels=labels)
         for reg in self.regularizers.values():
             reg.prepare(ctx)
         with autocast():
