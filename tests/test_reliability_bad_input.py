@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from selfalign.cli import main
-from conftest import load_kill_harness
+from conftest import load_kill_harness, snapshot
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,15 +151,6 @@ def files(tmp_path_factory):
     (base / "checkpoints" / "step-000000009").mkdir(parents=True)      # incomplete: no state.json
     return {"files": base, "fm": fm, "trained": trained,
             "ckpt": trained / "checkpoints" / "step-000000002"}
-
-
-def snapshot(*roots: Path) -> dict:
-    out = {}
-    for root in roots:
-        for path in sorted(root.rglob("*")):
-            stat = path.stat()
-            out[str(path)] = (path.is_dir(), stat.st_size, stat.st_mtime_ns)
-    return out
 
 
 def expand(argv, paths):

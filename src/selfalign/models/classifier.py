@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CheckpointError
+
 NATIVE_SIZE = 28
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "fashion_mnist_classifier.safetensors"
 
@@ -89,7 +91,13 @@ def load_classifier(path: str | Path | None = None, device="cpu") -> FashionClas
                                 "`python scripts/train_classifier.py --out PATH`")
     model = FashionClassifier()
     try:
-        model.load_state_dict(load_file(str(path)))
+        tensors = load_file(str(path))
+    except Exception as err:     # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"classifier weights {path} are not a readable safetensors file "
+                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); give the "
+                              f"weights written by `python scripts/train_classifier.py --out PATH`") from None
+    try:
+        model.load_state_dict(tensors)
     except RuntimeError as err:
         raise ValueError(f"{path} does not fit the Fashion-MNIST classifier: {str(err).splitlines()[0]}") from None
     return model.eval().requires_grad_(False).to(device)
