@@ -359,6 +359,18 @@ def latest_checkpoint(run_dir: str | os.PathLike, report=None) -> Path | None:
     return used
 
 
+def _newest_or_refuse(run_dir: str | os.PathLike, report, advice: str = "") -> Path | None:
+    """The newest complete checkpoint (a fallback reported), None where there is none; refused
+    where every checkpoint is damaged."""
+    used, damaged = newest_complete(run_dir)
+    if used is None and damaged:
+        raise CheckpointError(f"every checkpoint in {checkpoints_dir(run_dir)} is damaged (the newest: "
+                              f"{damaged[0][1]}){advice}")
+    if damaged:
+        report(fallback_message(used, damaged))
+    return used
+
+
 def resolve_checkpoint(path: str | os.PathLike, report=warn) -> Path:
     """A checkpoint directory, or a run directory (its newest complete checkpoint; a fallback past
     damaged ones is reported)."""
@@ -371,14 +383,10 @@ def resolve_checkpoint(path: str | os.PathLike, report=warn) -> Path:
         if problem:
             raise _format_error(path) or CheckpointError(problem)
         return path
-    used, damaged = newest_complete(path)
-    if used is None and damaged:
-        raise CheckpointError(f"every checkpoint in {checkpoints_dir(path)} is damaged (the newest: {damaged[0][1]})")
+    used = _newest_or_refuse(path, report)
     if used is None:
         raise CheckpointError(f"{path} holds no complete checkpoint (expected {CHECKPOINT_DIR}/{PREFIX}*/ "
                               f"or a checkpoint directory)")
-    if damaged:
-        report(fallback_message(used, damaged))
     return used
 
 
@@ -393,18 +401,12 @@ def resume_point(run_dir: str | os.PathLike, resume: str | None, report=warn) ->
     if resume is None:
         if existing:
             raise UsageError(f"run directory {run_dir} already has checkpoints ({existing[-1].name}); "
-                                  f"pass --resume auto to continue it or choose another --run-dir")
+                             f"pass --resume auto to continue it or choose another --run-dir")
         return None
     if resume != "auto":
         return resolve_checkpoint(resume, report)
-    used, damaged = newest_complete(run_dir)
-    if used is None and damaged:
-        raise CheckpointError(f"every checkpoint in {checkpoints_dir(run_dir)} is damaged (the newest: "
-                              f"{damaged[0][1]}); nothing was changed: restore them from a copy, or start "
-                              f"over in a new --run-dir")
-    if damaged:
-        report(fallback_message(used, damaged) + "; the damaged ones are kept")
-    return used
+    return _newest_or_refuse(run_dir, report, "; nothing was changed: restore them from a copy, or start "
+                                              "over in a new --run-dir")
 
 
 # -- loading ---------------------------------------------------------------------------------
