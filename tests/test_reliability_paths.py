@@ -27,8 +27,9 @@ from selfalign.data.fashion_mnist import FILES, resolve_dir
 from selfalign.errors import ConfigError, OutputError
 from selfalign.formats import checkpoint as ckpt_io
 from selfalign.formats import paths
-from selfalign.training.trainer import TrainingStopped, train
-from conftest import load_kill_harness, snapshot
+from selfalign.training.outcome import TrainingStopped
+from selfalign.training.trainer import train
+from conftest import load_kill_harness, one_thread, snapshot
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 BATCH = 8
@@ -53,12 +54,8 @@ def base(tmp_path_factory):
     for name in FILES["test"]:          # eval pca draws its images from the test split
         (data / name).symlink_to(resolve_dir() / name)
     (root / "tiny.yaml").write_text(yaml.safe_dump(tiny_config(data, 2)))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         train(load_config(tiny_config(data, 2)), root / "run", log=lambda _m: None)
-    finally:
-        torch.set_num_threads(threads)
     np.savez(root / "samples.npz", arr_0=np.zeros((4, 32, 32, 1), np.uint8), arr_1=np.arange(4))
     (root / "a-file").write_text("in the way\n")
     return root

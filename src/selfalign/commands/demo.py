@@ -115,7 +115,7 @@ def estimate_seconds(plan: Plan, step_seconds: list[float]) -> float:
 def run(args) -> int:
     import torch
 
-    from ..training.distributed import pick_device
+    from ..devices import pick_device
 
     began = time.time()
     plan = plan_from_args(args)

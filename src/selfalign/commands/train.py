@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from ..errors import UsageError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model from a YAML config or preset name",
@@ -22,7 +24,6 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..errors import UsageError
     from ..config.experiment import load_config, preset_names, resolve_config_path
     from ..formats.paths import check_output_dir, check_run_name
     from ..training.distributed import world_size_from_env
@@ -38,7 +39,8 @@ def run(args) -> int:
     run_dir = check_output_dir(args.run_dir or Path("runs") / name,
                                "--run-dir" if args.run_dir else f"the run directory (runs/<name>, name={name!r})")
 
-    from ..training.trainer import TrainingStopped, train
+    from ..training.outcome import TrainingStopped
+    from ..training.trainer import train
     try:
         result = train(config, run_dir, args.resume)
     except TrainingStopped as err:
