@@ -33,17 +33,13 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import sys
 
-    import torch
-
     from ..pipeline.prepare import PrepareConfig, distributed_defaults, prepare
     from ..data.vae import DEFAULT_VAE
     from ..conventions import SD_VAE_SCALE
-    from ..errors import UsageError
+    from ..devices import pick_device
     from ..formats.paths import check_output_dir
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: no CUDA device is available here; use --device cpu "
-                         f"(or leave --device out to use a GPU when there is one)")
+    pick_device(args.device or "auto")      # an impossible --device fails before anything is written
     check_output_dir(args.out, "the output folder")
     rank, world, _ = distributed_defaults()
     config = PrepareConfig(
