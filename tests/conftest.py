@@ -75,3 +75,14 @@ def load_kill_harness():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def snapshot(*roots):
+    """Every path under ``roots`` with its size and modification time: equal snapshots mean
+    nothing was made, removed or rewritten."""
+    out = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            stat = path.stat()
+            out[str(path)] = (path.is_dir(), stat.st_size, stat.st_mtime_ns)
+    return out

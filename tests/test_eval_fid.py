@@ -252,7 +252,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert "missing.npz not found" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "notes.txt").write_text("hello")
     assert main(["eval", "ref", "fashion-mnist", "--out", str(tmp_path / "ref.txt"), "--device", "cpu"]) == 2
-    assert "is an .npz file" in capsys.readouterr().err
+    assert "give a file name ending in .npz" in capsys.readouterr().err
 
 
 def test_a_network_with_logits_gives_inception_score_and_no_sfid(tmp_path):

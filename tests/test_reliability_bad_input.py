@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from selfalign.cli import main
-from conftest import load_kill_harness, one_thread
+from conftest import load_kill_harness, one_thread, snapshot
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,15 +146,6 @@ def files(tmp_path_factory):
     (base / "checkpoints" / "step-000000009").mkdir(parents=True)      # incomplete: no state.json
     return {"files": base, "fm": fm, "trained": trained,
             "ckpt": trained / "checkpoints" / "step-000000002"}
-
-
-def snapshot(*roots: Path) -> dict:
-    out = {}
-    for root in roots:
-        for path in sorted(root.rglob("*")):
-            stat = path.stat()
-            out[str(path)] = (path.is_dir(), stat.st_size, stat.st_mtime_ns)
-    return out
 
 
 def expand(argv, paths):

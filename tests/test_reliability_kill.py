@@ -49,19 +49,29 @@ def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkey
     assert names == ["step-000000003", "step-000000004"]
 
 
-def test_a_kill_while_replacing_a_stale_checkpoint_of_the_same_step(tmp_path, monkeypatch):
+def test_a_step_written_again_keeps_the_earlier_directory_also_when_killed(tmp_path, monkeypatch):
+    """A run resumed from step 1 writes step 2 again: the earlier step-2 is renamed aside, never
+    deleted, and a kill between that rename and the new one leaves only complete checkpoints."""
     write_small_checkpoint(tmp_path, 1)
-    write_small_checkpoint(tmp_path, 2)
+    earlier = write_small_checkpoint(tmp_path, 2)
+    earlier_model = (earlier / "model.safetensors").read_bytes()
+    real_set_aside = ckpt_io.set_aside
 
-    def dies_after_one_file(path, *args, **kwargs):
-        sorted(Path(path).iterdir())[0].unlink()
+    def dies_after_setting_aside(ckpt):
+        real_set_aside(ckpt)
         raise Killed
 
-    monkeypatch.setattr(ckpt_io.shutil, "rmtree", dies_after_one_file)
-    with pytest.raises(Killed):         # a run resumed from step 1 writes step 2 again
+    monkeypatch.setattr(ckpt_io, "set_aside", dies_after_setting_aside)
+    with pytest.raises(Killed):
         write_small_checkpoint(tmp_path, 2)
+    monkeypatch.undo()
     for ckpt in ckpt_io.list_checkpoints(tmp_path):
         assert ckpt_io.verify(ckpt) is None, ckpt_io.verify(ckpt)
+    aside = ckpt_io.checkpoints_dir(tmp_path) / "step-000000002.superseded"
+    assert ckpt_io.verify(aside) is None and (aside / "model.safetensors").read_bytes() == earlier_model
+    write_small_checkpoint(tmp_path, 2, keep_last=2)      # the next attempt; its prune clears the leftover
+    names = sorted(p.name for p in ckpt_io.checkpoints_dir(tmp_path).iterdir())
+    assert names == ["step-000000001", "step-000000002", "step-000000002.superseded"]
 
 
 def test_five_sigkills_anywhere_then_bitwise_equal_to_an_uninterrupted_run(tmp_path):

@@ -1,7 +1,8 @@
 """Safe loading: a checkpoint is read without running pickled code. A crafted pickle whose
 ``__reduce__`` would create a marker file, placed as ``optimizer.pt`` (zip or legacy format, alone
-or hidden inside a real optimizer state) or as ``model.safetensors``, is refused with one line
-and the marker never appears."""
+or hidden inside a real optimizer state) or as ``ema.safetensors``, is refused with one line when
+the checkpoint is named, skipped aloud (and kept) when it is a run's newest, and the marker never
+appears."""
 from __future__ import annotations
 
 import json
@@ -56,7 +57,7 @@ def plant(run: Path, filename: str, data: bytes) -> Path:
     state = json.loads((ckpt / "state.json").read_text())
     state["files"][filename] = len(data)
     (ckpt / "state.json").write_text(json.dumps(state))
-    assert ckpt_io.verify(ckpt) is None            # it passes the completeness check
+    assert "step-000000002" in ckpt_io.verify(ckpt)    # the completeness check finds it, without running it
     return ckpt
 
 
@@ -88,26 +89,41 @@ def test_a_malicious_optimizer_file_is_refused_on_resume(tmp_path, capsys, train
     shutil.copytree(trained / "run", run)
     marker = tmp_path / "code-ran"
     real = ckpt_io.latest_checkpoint(run) / ckpt_io.OPTIMIZER_FILE
-    ckpt = plant(run, ckpt_io.OPTIMIZER_FILE, malicious(kind, marker, tmp_path, real))
+    planted = malicious(kind, marker, tmp_path, real)
+    ckpt = plant(run, ckpt_io.OPTIMIZER_FILE, planted)
 
     with pytest.raises(ckpt_io.CheckpointError, match="was refused: it is not a plain tensor file"):
         ckpt_io.load_optimizer_state(ckpt)
-    code = main(["train", str(trained / "tiny.yaml"), "--run-dir", str(run), "--resume", "auto",
-                 "--set", "train.total_kimg=0.032"])
+    config = str(trained / "tiny.yaml")
+    code = main(["train", config, "--run-dir", str(tmp_path / "new"), "--resume", str(ckpt)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "Traceback" not in err, err
-    assert "optimizer.pt was refused" in err
+    assert "optimizer.pt" in err and ("was refused" in err or "not a PyTorch zip archive" in err), err
+
+    code = main(["train", config, "--run-dir", str(run), "--resume", "auto"])     # the run's newest: skipped
+    out = capsys.readouterr().out
+    assert code == 0 and "skipping damaged checkpoint step-000000002" in out, out
+    assert "using the older step-000000001" in out
     assert not marker.exists()
     assert [p.name for p in ckpt_io.list_checkpoints(run)] == ["step-000000001", "step-000000002"]
+    kept = ckpt_io.checkpoints_dir(run) / "step-000000002.superseded" / ckpt_io.OPTIMIZER_FILE
+    assert kept.read_bytes() == planted            # set aside, not deleted
 
 
 def test_a_pickle_in_place_of_the_weights_is_refused_by_sample(tmp_path, capsys, trained):
     run = tmp_path / "run"
     shutil.copytree(trained / "run", run)
     marker = tmp_path / "code-ran"
-    plant(run, "ema.safetensors", pickle.dumps(Payload(marker)))
-    code = main(["sample", str(run), "--out", str(tmp_path / "out"), "-n", "2", "--device", "cpu", "--no-progress"])
+    ckpt = plant(run, "ema.safetensors", pickle.dumps(Payload(marker)))
+    sample = ["-n", "2", "--steps", "2", "--device", "cpu", "--no-progress"]
+    code = main(["sample", str(ckpt), "--out", str(tmp_path / "out"), *sample])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "Traceback" not in err, err
     assert "ema.safetensors cannot be read" in err
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+    code = main(["sample", str(run), "--out", str(tmp_path / "out"), *sample])   # the run's newest: skipped
+    err = capsys.readouterr().err.strip()
+    assert code == 0 and "\n" not in err, err
+    assert "skipping damaged checkpoint step-000000002" in err and "using the older step-000000001" in err
+    assert not marker.exists()

@@ -25,3 +25,8 @@ class DataError(SelfalignError):
 
 class CheckpointError(SelfalignError, ValueError):
     """A checkpoint or run directory that is missing, incomplete, damaged or from another run."""
+
+
+class OutputError(SelfalignError):
+    """An output path that cannot be written: a read-only or full file system, a file where a
+    directory is needed (or the reverse), a name longer than the file system allows."""

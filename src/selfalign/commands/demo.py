@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UsageError
-
 
 @dataclass(frozen=True)
 class DemoRun:
@@ -122,9 +120,8 @@ def run(args) -> int:
     began = time.time()
     plan = plan_from_args(args)
     device = pick_device(args.device)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a directory (a new one, or the demo to continue)")
+    from ..formats.paths import check_output_dir
+    out = check_output_dir(args.out, "--out")
     configs = run_configs(plan, str(device), progress_bar=sys.stderr.isatty())
     torch.manual_seed(0)
     print(f"selfalign demo ({plan.name}): {' vs '.join(r.label for r, _ in configs)} on Fashion-MNIST, {device}")

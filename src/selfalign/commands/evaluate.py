@@ -9,6 +9,7 @@ import json
 
 from ..errors import UsageError
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")   # what a plot's --out may end in
 _SOURCE_HELP = "an .npz of samples (arr_0), a folder of images, or fashion-mnist[:train|test]"
 
 
@@ -69,13 +70,24 @@ def _device(name: str):
     return pick_device(name)
 
 
-def run_fid(args) -> int:
-    from pathlib import Path
+def _json_output(args):
+    """``--json`` checked before any work (None when not given)."""
+    from ..formats.paths import check_output_file
+    return check_output_file(args.json, "--json") if args.json else None
 
+
+def _write_json(path, results: dict) -> None:
+    from ..formats.paths import write_text
+    if path is not None:
+        write_text(path, json.dumps(results, indent=2) + "\n", "--json")
+
+
+def run_fid(args) -> int:
     from ..evaluation.images import open_source
     from ..evaluation.inception import InceptionV3
     from ..evaluation.metrics import evaluate_source, resolve_reference
 
+    json_path = _json_output(args)
     network = InceptionV3(args.inception, _device(args.device))
     samples = open_source(args.samples)          # opened first: a bad path fails before any work
     reference = resolve_reference(args.ref, network, args.resolution, args.batch_size, args.ref_limit,
@@ -85,8 +97,7 @@ def run_fid(args) -> int:
              "recall": "Recall", "num_samples": "Samples"}
     for key, value in results.items():
         print(f"{names.get(key, key)}: {int(value) if key == 'num_samples' else f'{value:.4f}'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    _write_json(json_path, results)
     return 0
 
 
@@ -95,9 +106,9 @@ def run_ref(args) -> int:
     from ..evaluation.images import open_source
     from ..evaluation.inception import InceptionV3
     from ..evaluation.metrics import inception_activations
+    from ..formats.paths import check_output_file, writing
 
-    if not args.out.endswith(".npz"):
-        raise UsageError(f"--out {args.out}: a reference batch is an .npz file")
+    out = check_output_file(args.out, "--out", suffixes=(".npz",))
     if args.pr_count < 0:
         raise UsageError(f"--pr-count must be >= 0, got {args.pr_count}")
     source = open_source(args.source, args.resolution)
@@ -107,7 +118,8 @@ def run_ref(args) -> int:
     images = None if args.no_images or keep == 0 else source.read_all(keep)
     if images is not None and images.shape[-1] == 1:
         images = images.repeat(3, axis=-1)       # ADM's layout: N x H x W x 3
-    save_reference_batch(args.out, acts.pool, acts.spatial, images, args.pr_count)
+    with writing(out, "--out"):
+        save_reference_batch(out, acts.pool, acts.spatial, images, args.pr_count)
     print(f"wrote {args.out}: statistics of {len(acts.pool)} images, {keep} kept "
           f"for precision/recall" + ("" if acts.spatial is not None else " (no sFID statistics: network "
                                      "has no mixed_6/conv)"))
@@ -115,13 +127,12 @@ def run_ref(args) -> int:
 
 
 def run_indomain(args) -> int:
-    from pathlib import Path
-
     import numpy as np
 
     from ..evaluation.images import open_source
     from ..evaluation.indomain import indomain_metrics, uint8_to_model_nchw
 
+    json_path = _json_output(args)
     source = open_source(args.samples)
     images = source.read_all(args.limit)
     labels = getattr(source, "labels", None)
@@ -133,8 +144,7 @@ def run_indomain(args) -> int:
         print(f"{key}: {value:.4f}")
     if labels is None:
         print("accuracy skipped: the samples carry no labels (arr_1)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    _write_json(json_path, results)
     return 0
 
 
@@ -211,9 +221,12 @@ def run_probe(args) -> int:
     from pathlib import Path
 
     from ..evaluation.analysis import probe_checkpoint, save_probe_plot
+    from ..formats.paths import check_output_file, write_text, writing
 
     if len(args.checkpoints) > 2:
         raise UsageError("eval probe compares at most two checkpoints side by side")
+    plot_path = check_output_file(f"{args.out}.png", "--out")
+    json_path = check_output_file(f"{args.out}.json", "--out")
     results = {}
     for path in args.checkpoints:
         model, objective, config, _ = _load_checkpoint(path, args)
@@ -227,9 +240,10 @@ def run_probe(args) -> int:
     print(f"{'block':>5}  " + "  ".join(f"{n[:24]:>24}" for n in names))
     for layer in results[names[0]]:
         print(f"{layer:>5}  " + "  ".join(f"{100 * results[n].get(layer, float('nan')):>24.2f}" for n in names))
-    plot = save_probe_plot(f"{args.out}.png", results, args.t)
-    Path(f"{args.out}.json").write_text(json.dumps({"t": args.t, "accuracy": results}, indent=2) + "\n")
-    print(f"wrote {plot} and {args.out}.json")
+    with writing(plot_path, "--out"):
+        plot = save_probe_plot(plot_path, results, args.t)
+    write_text(json_path, json.dumps({"t": args.t, "accuracy": results}, indent=2) + "\n", "--out")
+    print(f"wrote {plot} and {json_path}")
     return 0
 
 
@@ -254,12 +268,11 @@ def cknna_target(text: str, model, objective, config, t: float, args):
 
 
 def run_cknna(args) -> int:
-    from pathlib import Path
-
     from ..evaluation.analysis import cknna_checkpoint
 
     if not 2 <= args.topk < args.count - 1:
         raise UsageError(f"--topk {args.topk} must be at least 2 and below --count - 1 ({args.count - 1})")
+    json_path = _json_output(args)
     model, objective, config, device = _load_checkpoint(args.checkpoint, args)
     layers = parse_layers(args.layers, model.config.depth)
     target_t = args.t if args.target_t is None else args.target_t
@@ -270,22 +283,23 @@ def run_cknna(args) -> int:
           + ("" if target is None else f" at t={target_t:g}"))
     for layer, score in scores.items():
         print(f"block {layer:>3}: {score:.4f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"t": args.t, "target": args.target, "target_t": target_t,
-                                               "cknna": scores}, indent=2) + "\n")
+    _write_json(json_path, {"t": args.t, "target": args.target, "target_t": target_t, "cknna": scores})
     return 0
 
 
 def run_pca(args) -> int:
     from ..evaluation.analysis import pca_checkpoint
+    from ..formats.paths import check_output_file, writing
 
+    out = check_output_file(args.out, "--out", suffixes=IMAGE_SUFFIXES)
     model, objective, config, _ = _load_checkpoint(args.checkpoint, args)
     if args.layers is None:      # a handful of evenly spaced blocks reads better than all of them
         depth = model.config.depth
         layers = sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75, 1.0)})
     else:
         layers = parse_layers(args.layers, model.config.depth)
-    path = pca_checkpoint(model, objective, config, layers, args.t, args.count, args.out, args.seed,
-                          title=config.name or str(args.checkpoint))
+    with writing(out, "--out"):
+        path = pca_checkpoint(model, objective, config, layers, args.t, args.count, out, args.seed,
+                              title=config.name or str(args.checkpoint))
     print(f"wrote {path}")
     return 0

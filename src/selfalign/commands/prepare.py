@@ -36,7 +36,11 @@ def run(args) -> int:
     from ..pipeline.prepare import PrepareConfig, distributed_defaults, prepare
     from ..data.vae import DEFAULT_VAE
     from ..conventions import SD_VAE_SCALE
+    from ..devices import pick_device
+    from ..formats.paths import check_output_dir
 
+    pick_device(args.device or "auto")      # an impossible --device fails before anything is written
+    check_output_dir(args.out, "the output folder")
     rank, world, _ = distributed_defaults()
     config = PrepareConfig(
         source=args.source, out=args.out, image_size=args.image_size, vae=args.vae or DEFAULT_VAE,

@@ -87,14 +87,15 @@ def latent_decoder(config, vae_spec: str | None, device):
 
 def run(args) -> int:
     from dataclasses import asdict
-    from pathlib import Path
 
     from ..evaluation.generate import (SamplePlan, check_plan, generate_shards, make_draw, merge_shards,
                                        missing_shards, write_pngs)
     from ..training import distributed
     from ..formats.checkpoint import resolve_checkpoint
+    from ..formats.paths import check_output_dir, writing
     from ..runs import load_for_inference
 
+    out = check_output_dir(args.out, "--out")
     info = distributed.init(args.device)
     rank = info.rank if args.rank is None else args.rank
     world = info.world_size if args.world_size is None else args.world_size
@@ -104,7 +105,6 @@ def run(args) -> int:
     model, objective, config = load_for_inference(checkpoint, use_ema=not args.raw_weights)
     model = model.to(info.device).eval()
     sampler = sampler_config(args, objective.kind, config.sampler)
-    out = Path(args.out)
     plan = SamplePlan(checkpoint=str(checkpoint.resolve()), num_samples=args.num_samples,
                       seed=args.seed, batch_size=args.batch_size,
                       shard_size=args.shard_size or 16 * args.batch_size,
@@ -112,7 +112,8 @@ def run(args) -> int:
                       sampler=asdict(sampler) | {"ema": not args.raw_weights, "vae": args.vae})
     plan.validate()
     if info.is_main or not info.distributed:
-        check_plan(out, plan)
+        with writing(out, "--out"):
+            check_plan(out, plan)
     distributed.barrier(info)
     check_plan(out, plan)
 
@@ -120,8 +121,9 @@ def run(args) -> int:
     draw = make_draw(model, objective, sampler, info.device, latent_decoder(config, args.vae, info.device),
                      unconditional=args.unconditional)
     shape = (bb.in_channels, bb.input_size, bb.input_size)
-    counts = generate_shards(plan, out, draw, shape, bb.num_classes, rank, world,
-                             progress=not args.no_progress and rank == 0)
+    with writing(out, "--out"):
+        counts = generate_shards(plan, out, draw, shape, bb.num_classes, rank, world,
+                                 progress=not args.no_progress and rank == 0)
     print(f"rank {rank}: {counts['made']} shards sampled ({counts['images']} images), "
           f"{counts['skipped']} finished shards kept")
     distributed.barrier(info)
@@ -132,10 +134,11 @@ def run(args) -> int:
             print(f"other shares are still missing: when every --rank has finished, run the command again "
                   f"(any rank) to write {out / 'samples.npz'}")
             return 0
-        path = merge_shards(plan, out, bb.num_classes)
-        print(f"wrote {path} ({plan.num_samples} images)")
-        if args.png:
-            print(f"wrote {write_pngs(path, out / 'png')} PNGs to {out / 'png'}")
+        with writing(out, "--out"):
+            path = merge_shards(plan, out, bb.num_classes)
+            print(f"wrote {path} ({plan.num_samples} images)")
+            if args.png:
+                print(f"wrote {write_pngs(path, out / 'png')} PNGs to {out / 'png'}")
         return 0
     finally:
         distributed.shutdown(info)      # every rank meets here, also when rank 0 returns early

@@ -25,6 +25,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..config.experiment import load_config, preset_names, resolve_config_path
+    from ..formats.paths import check_output_dir, check_run_name
     from ..training.distributed import world_size_from_env
 
     if args.list:
@@ -33,10 +34,10 @@ def run(args) -> int:
     if not args.config:
         raise UsageError("give a config file or preset name (selfalign train --list shows the presets)")
     config = load_config(args.config, args.overrides, world_size=world_size_from_env())
+    check_run_name(config.name)
     name = config.name or Path(resolve_config_path(args.config)).stem
-    run_dir = Path(args.run_dir or Path("runs") / name)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--run-dir {run_dir} is a file; give a directory (a new one, or a run to resume)")
+    run_dir = check_output_dir(args.run_dir or Path("runs") / name,
+                               "--run-dir" if args.run_dir else f"the run directory (runs/<name>, name={name!r})")
 
     from ..training.outcome import TrainingStopped
     from ..training.trainer import train

@@ -10,21 +10,32 @@ Layout (``docs/DEVELOPING.md``)::
 A checkpoint is written under ``.tmp-step-...``; every file is fsync'ed, ``state.json`` (which
 lists the other files and their sizes) is written last, the directory is renamed to its final
 name and the parent directory fsync'ed. A directory that is not complete by that test is never
-picked by ``--resume auto``. Tensors are checked for NaN/Inf before anything is written.
+picked by ``--resume auto``. Tensors are checked for NaN/Inf before anything is written. A failed
+write (full disk, I/O error) removes the temporary directory and is one line; an existing
+directory of the same step is renamed aside (``step-...superseded``), never deleted.
+
+Finding the newest checkpoint skips damaged ones (a missing or truncated file, an unreadable
+safetensors header, an optimizer state that cannot be loaded safely) and says so; a checkpoint
+of an unknown format is never skipped: it may be complete for another selfalign version.
 """
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import re
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OutputError, UsageError
 from . import faults
+from .paths import write_advice
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -33,10 +44,16 @@ TMP_PREFIX = ".tmp-"
 TENSOR_FILES = ("model", "ema", "regularizers")
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
+SUPERSEDED = ".superseded"
 
 
-class CheckpointWriteError(RuntimeError):
-    """Writing a checkpoint failed; the previous checkpoint is untouched."""
+class CheckpointWriteError(OutputError):
+    """Writing a checkpoint failed (full disk, I/O error, non-finite tensors); the previous
+    checkpoint is untouched."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint written in another format version (by a newer selfalign, or not by selfalign)."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -64,14 +81,45 @@ def fsync_path(path: Path) -> None:
 
 
 def write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors file, contiguous CPU copies, fsync'ed."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    """safetensors file, contiguous CPU copies, fsync'ed. A failed file write is an OSError."""
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    except SafetensorError as err:      # e.g. "I/O error: No space left on device (os error 28)"
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
     fsync_path(path)
 
 
+class _RecordingFile:
+    """A file object that remembers the OSError of a failed write: ``torch.save`` replaces it
+    with a RuntimeError that has no errno ("unexpected pos ...")."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self):
+        return self.file.flush()
+
+
 def write_torch(obj, path: Path) -> None:
+    """``torch.save`` into ``path``, fsync'ed. A failed file write is an OSError."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        recording = _RecordingFile(f)
+        try:
+            torch.save(obj, recording)
+        except RuntimeError:
+            if recording.error is None:
+                raise
+            raise recording.error from None
         f.flush()
         os.fsync(f.fileno())
 
@@ -102,11 +150,13 @@ def _optimizer_tensors(state: dict) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, tensors: dict[str, dict[str, torch.Tensor]],
-                    optimizer_state: dict, state: dict, keep_last: int | None = None) -> Path:
+                    optimizer_state: dict, state: dict, keep_last: int | None = None, report=None) -> Path:
     """Write one checkpoint atomically; on any failure the previous checkpoints stay valid.
 
     ``tensors`` maps each of :data:`TENSOR_FILES` to a state dict; ``optimizer_state`` is
-    ``{"optimizer": ..., "scaler": ...}``; ``state`` is the JSON-able rest.
+    ``{"optimizer": ..., "scaler": ...}``; ``state`` is the JSON-able rest. An existing
+    directory of the same step (a damaged one that a resume skipped, or one from before an
+    earlier resume point) is renamed aside and ``report(message)`` says so.
     """
     root = checkpoints_dir(run_dir)
     final = root / checkpoint_name(step)
@@ -132,16 +182,23 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, tensors: dict[str, di
                               indent=1), tmp / STATE_FILE)
         fsync_path(tmp)
         faults.point("ckpt_rename")
-        if final.exists():   # a stale or broken directory of the same step (never a valid newer one)
-            remove_checkpoint(final)
+        if final.exists():   # not written by this process: kept, under a name no lookup picks
+            aside = set_aside(final)
+            if report:
+                report(f"note: the earlier {final.name} (not written by this run) is kept as {aside}")
         os.rename(tmp, final)
         fsync_path(root)
         faults.point("ckpt_done")
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(run_dir)
-        kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointWriteError(f"could not write checkpoint {final.name} in {root}: {err}; {kept}") from None
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)     # never a half-written directory left behind
+        if not isinstance(err, OSError):
+            raise
+        previous = [p for p in list_checkpoints(run_dir) if verify(p) is None]
+        kept = (f"the previous checkpoint {previous[-1].name} is intact" if previous
+                else "no earlier checkpoint exists")
+        advice = write_advice(err) or "check the disk and run again"
+        raise CheckpointWriteError(f"could not write checkpoint {final.name} in {root}: {err}; {kept}; "
+                                   f"{advice}") from None
     if keep_last:
         prune(run_dir, keep_last)
     return final
@@ -156,6 +213,16 @@ def prune(run_dir: str | os.PathLike, keep_last: int) -> None:
     valid = [p for p in list_checkpoints(run_dir) if verify(p) is None]
     for old in valid[:-keep_last]:
         remove_checkpoint(old)
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename ``ckpt`` to ``<name>.superseded`` (``-2``, ``-3``, ... when taken); never deleted."""
+    for n in range(1, 1000):
+        aside = ckpt.with_name(ckpt.name + SUPERSEDED + (f"-{n}" if n > 1 else ""))
+        if not os.path.lexists(aside):
+            os.rename(ckpt, aside)
+            return aside
+    raise OSError(f"too many superseded copies of {ckpt.name} in {ckpt.parent}")
 
 
 def remove_checkpoint(ckpt: Path) -> None:
@@ -191,13 +258,30 @@ def read_state(ckpt: Path) -> dict:
         raise CheckpointError(f"{ckpt} is not a complete checkpoint: {STATE_FILE} is missing") from None
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{ckpt / STATE_FILE} is unreadable ({err})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{ckpt / STATE_FILE} is not a selfalign checkpoint of format {FORMAT_VERSION}")
+    if not isinstance(state, dict) or "format" not in state:
+        raise CheckpointError(f"{ckpt / STATE_FILE} is not a selfalign checkpoint state (it has no format)")
+    if state["format"] != FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{ckpt} has checkpoint format {state['format']!r} but this selfalign reads format {FORMAT_VERSION} "
+            f"(written by another selfalign version?): use that version, or move {ckpt.name} out of "
+            f"{ckpt.parent} to use an older checkpoint")
     return state
 
 
+def _tensor_shapes(path: Path) -> dict[str, list[int]]:
+    """Name -> shape from a safetensors header (no tensor is read); CheckpointError if unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_slice(key).get_shape() for key in f.keys()}
+    except Exception as err:     # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{path} cannot be read "
+                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+
+
 def verify(ckpt: Path) -> str | None:
-    """None when ``ckpt`` is complete (state.json valid, every listed file at its size), else why not."""
+    """None when ``ckpt`` is complete, else why not: ``state.json`` valid, every listed file at its
+    size, every safetensors header readable, the optimizer state loadable without running code
+    (memory-mapped: the tensors themselves are not read)."""
     try:
         state = read_state(ckpt)
     except CheckpointError as err:
@@ -212,35 +296,117 @@ def verify(ckpt: Path) -> str | None:
             return f"{ckpt}: {name} is missing"
         if path.stat().st_size != size:
             return f"{ckpt}: {name} has {path.stat().st_size} bytes, expected {size} (truncated?)"
+    try:
+        shapes = {name: _tensor_shapes(ckpt / f"{name}.safetensors") for name in TENSOR_FILES}
+    except CheckpointError as err:
+        return str(err)
+    if shapes["model"] != shapes["ema"]:     # the EMA mirrors the model: a damaged name or shape differs
+        return f"{ckpt}: model.safetensors and ema.safetensors hold different tensors (a damaged header?)"
+    if not zipfile.is_zipfile(ckpt / OPTIMIZER_FILE):
+        return f"{ckpt / OPTIMIZER_FILE} is not a PyTorch zip archive (damaged, or not written by selfalign)"
+    try:
+        load_optimizer_state(ckpt, mmap=True)
+    except CheckpointError as err:
+        return str(err)
     return None
 
 
-def latest_checkpoint(run_dir: str | os.PathLike, report=None) -> Path | None:
-    """The newest complete checkpoint of a run; broken ones are skipped (and reported)."""
+def _format_error(ckpt: Path) -> CheckpointFormatError | None:
+    try:
+        read_state(ckpt)
+    except CheckpointFormatError as err:
+        return err
+    except CheckpointError:
+        pass
+    return None
+
+
+def newest_complete(run_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """``(newest complete checkpoint or None, [(newer damaged checkpoint, why), ...])``.
+
+    A checkpoint of another format version stops the search (:class:`CheckpointFormatError`):
+    it may be complete for the version that wrote it, so nothing older is picked over it."""
+    damaged = []
     for ckpt in reversed(list_checkpoints(run_dir)):
         problem = verify(ckpt)
         if problem is None:
-            return ckpt
-        if report:
-            report(f"skipping incomplete checkpoint: {problem}")
-    return None
+            return ckpt, damaged
+        other = _format_error(ckpt)
+        if other is not None:
+            raise other
+        damaged.append((ckpt, problem))
+    return None, damaged
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a run directory (its newest complete checkpoint)."""
+def fallback_message(used: Path, damaged: list[tuple[Path, str]]) -> str:
+    """One line: which checkpoints are damaged, why the newest is, and which one is used instead."""
+    names = ", ".join(ckpt.name for ckpt, _ in damaged)
+    return (f"warning: skipping damaged checkpoint{'s' if len(damaged) > 1 else ''} {names} ({damaged[0][1]}); "
+            f"using the older {used.name}")
+
+
+def warn(message: str) -> None:
+    """The default ``report``: a fallback to an older checkpoint is always said, on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike, report=None) -> Path | None:
+    """The newest complete checkpoint of a run; damaged newer ones are skipped, and ``report``
+    (when given) gets one line naming them and the one used."""
+    used, damaged = newest_complete(run_dir)
+    if used is not None and damaged and report:
+        report(fallback_message(used, damaged))
+    return used
+
+
+def _newest_or_refuse(run_dir: str | os.PathLike, report, advice: str = "") -> Path | None:
+    """The newest complete checkpoint (a fallback reported), None where there is none; refused
+    where every checkpoint is damaged."""
+    used, damaged = newest_complete(run_dir)
+    if used is None and damaged:
+        raise CheckpointError(f"every checkpoint in {checkpoints_dir(run_dir)} is damaged (the newest: "
+                              f"{damaged[0][1]}){advice}")
+    if damaged:
+        report(fallback_message(used, damaged))
+    return used
+
+
+def resolve_checkpoint(path: str | os.PathLike, report=warn) -> Path:
+    """A checkpoint directory, or a run directory (its newest complete checkpoint; a fallback past
+    damaged ones is reported)."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; give a run directory or one of its "
+                              f"{CHECKPOINT_DIR}/{PREFIX}* directories")
     if (path / STATE_FILE).exists() or path.name.startswith(PREFIX):
         problem = verify(path)
         if problem:
-            raise CheckpointError(problem)
+            raise _format_error(path) or CheckpointError(problem)
         return path
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
+    used = _newest_or_refuse(path, report)
+    if used is None:
         raise CheckpointError(f"{path} holds no complete checkpoint (expected {CHECKPOINT_DIR}/{PREFIX}*/ "
                               f"or a checkpoint directory)")
-    return ckpt
+    return used
+
+
+def resume_point(run_dir: str | os.PathLike, resume: str | None, report=warn) -> Path | None:
+    """The checkpoint a training run continues from, or None to start at step 0.
+
+    ``resume``: None (a new run; refused where the run directory has checkpoints, complete or
+    not), ``"auto"`` (the newest complete checkpoint, or step 0 where there is none) or a run or
+    checkpoint directory. Where every checkpoint is damaged, ``"auto"`` refuses: starting at
+    step 0 would replace them and the metrics history with a new run's."""
+    existing = list_checkpoints(run_dir)
+    if resume is None:
+        if existing:
+            raise UsageError(f"run directory {run_dir} already has checkpoints ({existing[-1].name}); "
+                             f"pass --resume auto to continue it or choose another --run-dir")
+        return None
+    if resume != "auto":
+        return resolve_checkpoint(resume, report)
+    return _newest_or_refuse(run_dir, report, "; nothing was changed: restore them from a copy, or start "
+                                              "over in a new --run-dir")
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -252,12 +418,13 @@ def load_tensors(ckpt: Path, name: str, device="cpu") -> dict[str, torch.Tensor]
         raise CheckpointError(f"{path} cannot be read ({err})") from None
 
 
-def load_optimizer_state(ckpt: Path) -> dict:
+def load_optimizer_state(ckpt: Path, mmap: bool = False) -> dict:
     """``optimizer.pt`` with ``weights_only=True``: a file holding anything but tensors and plain
-    data (e.g. a crafted pickle that would run code) is refused."""
+    data (e.g. a crafted pickle that would run code) is refused. ``mmap``: map the tensors
+    instead of reading them (a cheap check that the file loads)."""
     path = ckpt / OPTIMIZER_FILE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} was refused: it is not a plain tensor file ({first})") from None

@@ -96,7 +96,13 @@ def load_classifier(path: str | Path | None = None, device="cpu") -> FashionClas
     path = classifier_weights(path)
     model = FashionClassifier()
     try:
-        model.load_state_dict(load_file(str(path)))
+        tensors = load_file(str(path))
+    except Exception as err:     # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"classifier weights {path} are not a readable safetensors file "
+                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); give the "
+                              f"weights written by `python scripts/train_classifier.py --out PATH`") from None
+    try:
+        model.load_state_dict(tensors)
     except RuntimeError as err:
         raise CheckpointError(f"{path} does not fit the Fashion-MNIST classifier: "
                               f"{str(err).splitlines()[0]}") from None

@@ -33,7 +33,7 @@ from ..regularizers import Progress, build_regularizer
 from . import distributed as dist_util
 from . import rng
 from .loop import Schedule, run_loop
-from .metrics import MetricsLog
+from .metrics import METRICS_FILE, MetricsLog, read_metrics
 from .outcome import RunResult, TrainingStopped
 from .samples import sample_grid
 from .step import TrainingStep, accumulate_gradients
@@ -121,15 +121,12 @@ class Trainer:
             self.log(f"note: the dataset ({len(self.dataset)} examples) is smaller than one batch")
 
     def _find_resume(self, resume: str | None) -> Path | None:
-        if resume is None:
-            existing = ckpt_io.latest_checkpoint(self.run_dir)
-            if existing is not None:
-                raise UsageError(f"run directory {self.run_dir} already has checkpoints ({existing.name}); "
-                                  f"pass --resume auto to continue it or choose another --run-dir")
-            return None
-        if resume == "auto":
-            return ckpt_io.latest_checkpoint(self.run_dir, report=self.log)
-        return ckpt_io.resolve_checkpoint(resume)
+        # Refuses any start that would replace checkpoints or a metrics history of the run dir.
+        start = ckpt_io.resume_point(self.run_dir, resume, report=self.log)
+        if resume is None and read_metrics(self.run_dir):
+            raise UsageError(f"run directory {self.run_dir} already holds {METRICS_FILE} from an earlier start; "
+                             f"pass --resume auto to continue that run or choose another --run-dir")
+        return start
 
     def log(self, message: str) -> None:
         if self.info.is_main:
@@ -197,7 +194,8 @@ class Trainer:
                      "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
             try:
                 self.last_checkpoint = ckpt_io.save_checkpoint(self.run_dir, self.step, tensors, optim, state,
-                                                               keep_last=self.config.train.keep_last)
+                                                               keep_last=self.config.train.keep_last,
+                                                               report=self.log)
             except ckpt_io.CheckpointWriteError as err:
                 error = str(err)
         error, written = dist_util.broadcast_object(self.info, (error, self.last_checkpoint))
