@@ -1,6 +1,9 @@
 """``selfalign convert``: import released DiT/SiT/REPA/SRA checkpoints, or export to their layouts."""
 from __future__ import annotations
 
+from ..conventions import MAX_CLASSES, MAX_GRID
+from .argtypes import existing_file, existing_path, int_range
+
 LAYOUT_HELP = ("sra: official SRA release (SiT + ap_head); repa: REPA SiT (+ projectors); "
                "sit: original SiT (t = 1 is data, learned sigma); dit: original DiT (learned sigma)")
 
@@ -12,19 +15,22 @@ def add_parser(sub) -> None:
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     imp = actions.add_parser("import", help="released .pt/.safetensors -> selfalign run directory")
-    imp.add_argument("source", help="the released checkpoint file")
+    imp.add_argument("source", type=existing_file, help="the released checkpoint file")
     imp.add_argument("run_dir", help="new selfalign run directory to write")
     imp.add_argument("--from", dest="layout", required=True, choices=("sra", "repa", "sit", "dit"),
                      help=LAYOUT_HELP)
     imp.add_argument("--preset", default=None, help="e.g. SiT-XL/2 (default: inferred from the shapes)")
-    imp.add_argument("--input-size", type=int, default=None, help="latent grid size (default: inferred)")
-    imp.add_argument("--num-classes", type=int, default=None, help="default: inferred (1000 for ImageNet)")
+    imp.add_argument("--input-size", type=int_range(1, MAX_GRID), default=None,
+                     help="latent grid size (default: inferred)")
+    imp.add_argument("--num-classes", type=int_range(1, MAX_CLASSES), default=None,
+                     help="default: inferred (1000 for ImageNet)")
     imp.add_argument("--keep-heads", action="store_true",
                      help="keep SRA's ap_head / REPA's projector as regularizer weights (default: drop)")
     imp.add_argument("--data-path", default="", help="prepared latent dataset to record as data.path")
     imp.set_defaults(func=run_import)
     exp = actions.add_parser("export", help="selfalign run/checkpoint directory -> released layout")
-    exp.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint directory")
+    exp.add_argument("checkpoint", type=existing_path,
+                     help="run directory (newest checkpoint) or checkpoint directory")
     exp.add_argument("out_file", help="output .pt ({'model', 'ema'}) or .safetensors (EMA only)")
     exp.add_argument("--to", dest="layout", required=True, choices=("sra", "repa", "sit", "dit"),
                      help=LAYOUT_HELP)

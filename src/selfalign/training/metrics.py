@@ -12,6 +12,7 @@ import math
 import os
 from pathlib import Path
 
+from ..errors import DataError
 from ..formats import faults
 
 METRICS_FILE = "metrics.jsonl"
@@ -24,8 +25,13 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         path = path / METRICS_FILE
     if not path.is_file():
         return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not a metrics log (byte {err.start} is not UTF-8 text): move it aside "
+                        f"and run again; the checkpoints do not depend on it") from None
     records = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except ValueError:
@@ -47,16 +53,21 @@ class MetricsLog:
 
     def __init__(self, run_dir: str | os.PathLike, resume_step: int, *, tensorboard: bool = False,
                  wandb: bool = False, wandb_project: str = "selfalign", wandb_entity: str = "",
-                 run_name: str = "", config: dict | None = None):
+                 run_name: str = "", config: dict | None = None, log=print):
         self.path = Path(run_dir) / METRICS_FILE
         self.truncate(resume_step)
         self._file = open(self.path, "a")
         self._tb = None
         self._wandb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            # purge_step drops the previous run's events after the checkpoint we resume from.
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:     # an optional extra, on by default: the run goes on without it
+                log("note: logging.tensorboard=true but TensorBoard is not installed (pip install "
+                    "'selfalign[logging]'); metrics go to metrics.jsonl only")
+            else:
+                # purge_step drops the previous run's events after the checkpoint we resume from.
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
         if wandb:
             try:
                 import wandb as wandb_module
