@@ -93,17 +93,18 @@ def indomain_metrics(images: torch.Tensor, labels: torch.Tensor | np.ndarray | N
         raise ValueError(f"in-domain metrics need at least 4 images, got {len(images)}")
     check_fashion_mnist_like(images)
     classifier = cached_classifier(device, classifier_path)
+    if labels is not None:
+        labels = np.asarray(labels)
+        classes = classifier.head.out_features
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) or not (
+                (labels >= 0) & (labels < classes)).all():
+            found = f" from {labels.min()} to {labels.max()}" if labels.size else ""
+            raise DataError(f"the sample labels (arr_1) must be class numbers 0..{classes - 1}, one per image; "
+                            f"got {len(labels)} of {labels.dtype}{found}")
     feats, logits = classifier_outputs(classifier, images)
     reference = reference_features(classifier_path, device)
     results = {"fd": frechet_distance(FeatureStatistics.of(feats), FeatureStatistics.of(reference))}
     if labels is not None:
-        labels = np.asarray(labels)
-        classes = logits.shape[1]
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or not (
-                (labels >= 0) & (labels < classes)).all():
-            raise DataError(f"the sample labels (arr_1) must be class numbers 0..{classes - 1}, one per image; "
-                            f"got {labels.dtype} values {labels.min() if labels.size else None}.."
-                            f"{labels.max() if labels.size else None}")
         results["accuracy"] = float((logits.argmax(1) == labels).mean())
     subset = np.random.default_rng(seed).permutation(len(reference))[:min(len(feats), len(reference))]
     results["precision"], results["recall"] = precision_recall(reference[subset], feats)
