@@ -90,7 +90,7 @@ ROWS = [
     ("pca-t-nan", ["eval", "pca", "{run}", "--t", "0.1", "nan"], ["--t", "finite"]),
     ("cknna-topk-one", ["eval", "cknna", "{run}", "--topk", "1"], ["--topk"]),
     ("cknna-topk-not-below-count", ["eval", "cknna", "{run}", "--topk", "10", "--count", "11"],
-     ["--topk 10", "--count 11"]),
+     ["--topk 10", "--count - 1 (10)"]),
     ("cknna-target-t-negative", ["eval", "cknna", "{run}", "--target-t", "-0.1"], ["--target-t"]),
     # models, prepare, convert, demo
     ("models-input-size-zero", ["models", "--input-size", "0"], ["--input-size"]),
@@ -371,16 +371,3 @@ def test_a_metrics_log_that_is_not_text_is_named(tmp_path):
     (tmp_path / METRICS_FILE).write_bytes(b'{"step": 1}\n' + bytes(range(128, 256)))
     with pytest.raises(DataError, match=f"{METRICS_FILE} is not a metrics log.*move it aside"):
         read_metrics(tmp_path)
-
-
-def test_tensorboard_missing_degrades_to_the_jsonl_log_with_a_note(tmp_path, monkeypatch):
-    from selfalign.training.metrics import MetricsLog, read_metrics
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)     # import fails as if not installed
-    notes = []
-    log = MetricsLog(tmp_path, 0, tensorboard=True, log=notes.append)
-    log.write({"kind": "train", "step": 1, "loss": 0.5})
-    log.close()
-    assert len(notes) == 1 and "TensorBoard is not installed" in notes[0] and "selfalign[logging]" in notes[0]
-    assert read_metrics(tmp_path) == [{"kind": "train", "step": 1, "loss": 0.5}]
-    assert not (tmp_path / "tensorboard").exists()

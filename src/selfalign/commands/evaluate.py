@@ -9,7 +9,8 @@ import json
 
 from ..conventions import MAX_RESOLUTION, MAX_SAMPLES
 from ..errors import DataError, UsageError
-from .argtypes import batch_size, device_name, existing_file, existing_path, int_range, noise_level, positive_int, seed
+from .argtypes import (batch_size, device_name, existing_file, existing_path, int_range, noise_level, positive_int,
+                       seed)
 
 _SOURCE_HELP = "an .npz of samples (arr_0), a folder of images, or fashion-mnist[:train|test]"
 # Statistics (a mean and a covariance) need two images at least.
@@ -70,7 +71,7 @@ def _inception_args(p) -> None:
 
 
 def _device(name: str):
-    from ..training.distributed import pick_device
+    from ..devices import pick_device
     return pick_device(name)
 
 
@@ -199,13 +200,26 @@ def _load_checkpoint(path, args):
     return model, objective, config, device
 
 
+def parse_layers(text: str | None, depth: int) -> list[int]:
+    """``--layers``: ``"all"``/None -> 1..depth; ``"2,4,8"`` -> [2, 4, 8] (1-based, checked)."""
+    if not text or text == "all":
+        return list(range(1, depth + 1))
+    try:
+        layers = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise UsageError(f"--layers {text!r}: expected 'all' or comma-separated block numbers like 2,4,8") from None
+    if not layers or layers[0] < 1 or layers[-1] > depth:
+        raise UsageError(f"--layers {text!r}: blocks are numbered 1..{depth} for this model")
+    return layers
+
+
 def run_probe(args) -> int:
     from pathlib import Path
 
-    from ..evaluation.analysis import parse_layers, probe_checkpoint, save_probe_plot
+    from ..evaluation.analysis import probe_checkpoint, save_probe_plot
 
     if len(args.checkpoints) > 2:
-        raise ValueError("eval probe compares at most two checkpoints side by side")
+        raise UsageError("eval probe compares at most two checkpoints side by side")
     results = {}
     for path in args.checkpoints:
         model, objective, config, _ = _load_checkpoint(path, args)
@@ -225,21 +239,41 @@ def run_probe(args) -> int:
     return 0
 
 
+def cknna_target(text: str, model, objective, config, t: float, args):
+    """``--target``: ``classifier`` -> None; ``block:N`` -> block N of ``model``; ``CHECKPOINT:N`` ->
+    block N of that checkpoint's model (loaded like the first one)."""
+    from ..evaluation.analysis import BlockTarget
+
+    if text == "classifier":
+        if config.data.kind != "fashion_mnist":
+            raise UsageError(f"--target classifier needs a Fashion-MNIST run (this one is "
+                             f"{config.data.kind}); use block:N or CHECKPOINT:N")
+        return None
+    where, _, block = text.rpartition(":")
+    if not block.isdigit() or not where:
+        raise UsageError(f"--target {text!r}: use classifier, block:N or CHECKPOINT:N")
+    if where != "block":
+        model, objective, _, _ = _load_checkpoint(where, args)
+    if not 1 <= int(block) <= model.config.depth:
+        raise UsageError(f"--target {text!r}: blocks are numbered 1..{model.config.depth}")
+    return BlockTarget(model, objective, int(block), t)
+
+
 def run_cknna(args) -> int:
     from pathlib import Path
 
-    from ..evaluation.analysis import cknna_checkpoint, parse_layers
+    from ..evaluation.analysis import cknna_checkpoint
 
-    if args.topk >= args.count - 1:
-        raise UsageError(f"--topk {args.topk} must be below --count {args.count} minus 1 (each image's nearest "
-                         f"neighbours among the others)")
+    if not 2 <= args.topk < args.count - 1:
+        raise UsageError(f"--topk {args.topk} must be at least 2 and below --count - 1 ({args.count - 1})")
     model, objective, config, device = _load_checkpoint(args.checkpoint, args)
     layers = parse_layers(args.layers, model.config.depth)
     target_t = args.t if args.target_t is None else args.target_t
-    scores = cknna_checkpoint(model, objective, config, layers, args.t, args.target, target_t, args.count,
-                              args.topk, args.seed, device)
+    target = cknna_target(args.target, model, objective, config, target_t, args)
+    scores = cknna_checkpoint(model, objective, config, layers, args.t, target, args.count, args.topk,
+                              args.seed, device)
     print(f"CKNNA (k={args.topk}, {args.count} images) of blocks at t={args.t:g} with {args.target}"
-          + ("" if args.target == "classifier" else f" at t={target_t:g}"))
+          + ("" if target is None else f" at t={target_t:g}"))
     for layer, score in scores.items():
         print(f"block {layer:>3}: {score:.4f}")
     if args.json:
@@ -249,7 +283,7 @@ def run_cknna(args) -> int:
 
 
 def run_pca(args) -> int:
-    from ..evaluation.analysis import parse_layers, pca_checkpoint
+    from ..evaluation.analysis import pca_checkpoint
 
     model, objective, config, _ = _load_checkpoint(args.checkpoint, args)
     if args.layers is None:      # a handful of evenly spaced blocks reads better than all of them

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..conventions import MAX_CHANNELS, MAX_CLASSES, MAX_GRID
+from ..errors import UsageError
 from .argtypes import int_range
 
 
@@ -26,7 +27,7 @@ def run(args) -> int:
     names = [name for name in preset_names() if args.filter in name
              and args.input_size % backbone_config(name).patch_size == 0]
     if not names:
-        raise ValueError(f"no preset matches --filter {args.filter!r} with --input-size "
+        raise UsageError(f"no preset matches --filter {args.filter!r} with --input-size "
                          f"{args.input_size} (the input size must be divisible by the patch size)")
     print(f"{'preset':<10} {'params':>10} {'published':>10} {'tokens':>6} {'SRA m->n':>9}")
     for name in names:

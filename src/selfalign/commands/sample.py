@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ..conventions import MAX_SAMPLES, MAX_STEPS
+from ..errors import UsageError
 from .argtypes import (batch_size, device_name, existing_path, int_range, non_negative_float, non_negative_int,
                        noise_level, positive_int, seed)
 
@@ -78,7 +79,7 @@ def latent_decoder(config, vae_spec: str | None, device):
     elif index:
         vae = LatentVAE.for_dataset(index, device=device)
     else:
-        raise ValueError("this is a latent model but its data.path names no prepared dataset: pass --vae")
+        raise UsageError("this is a latent model but its data.path names no prepared dataset: pass --vae")
     return lambda x: vae.decode_uint8(x).numpy()
 
 
@@ -96,7 +97,7 @@ def run(args) -> int:
     rank = info.rank if args.rank is None else args.rank
     world = info.world_size if args.world_size is None else args.world_size
     if not 0 <= rank < world:
-        raise ValueError(f"--rank {rank} must be in [0, --world-size {world})")
+        raise UsageError(f"--rank {rank} must be in [0, --world-size {world})")
     checkpoint = resolve_checkpoint(args.checkpoint)      # a run dir's newest: fixed for resumes
     model, objective, config = load_for_inference(checkpoint, use_ema=not args.raw_weights)
     model = model.to(info.device).eval()

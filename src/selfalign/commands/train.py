@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from ..errors import UsageError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model from a YAML config or preset name",
@@ -22,7 +24,6 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..errors import UsageError
     from ..config.experiment import load_config, preset_names, resolve_config_path
     from ..training.distributed import world_size_from_env
 

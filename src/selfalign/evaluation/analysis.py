@@ -1,35 +1,38 @@
-"""Representation analysis of checkpoints: per-block linear probes, CKNNA, PCA maps.
+"""Representation analysis of a trained model: per-block linear probes, CKNNA, PCA maps.
 
 The images come from the run's own dataset (``config.data``): Fashion-MNIST probes train on its
 train split and test on its test split; datasets with one split are split by a seeded permutation.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from .features import block_features, dataset_batch
+from ..data import build_dataset
+from ..errors import DataError
+from ..objectives.base import Objective
+from .features import block_features, dataset_batch, objective_time
+from .figures import pyplot, save_figure
+from .indomain import cached_classifier, classifier_outputs
+from .pca import pca_rgb, save_pca_grid
 from .probe import cknna, linear_probe
 
 
-def parse_layers(text: str | None, depth: int) -> list[int]:
-    """``"all"``/None -> 1..depth; ``"2,4,8"`` -> [2, 4, 8] (1-based, checked)."""
-    if not text or text == "all":
-        return list(range(1, depth + 1))
-    try:
-        layers = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise ValueError(f"--layers {text!r}: expected 'all' or comma-separated block numbers like 2,4,8") from None
-    if not layers or layers[0] < 1 or layers[-1] > depth:
-        raise ValueError(f"--layers {text!r}: blocks are numbered 1..{depth} for this model")
-    return layers
+@dataclass(frozen=True)
+class BlockTarget:
+    """Block ``block`` of ``model`` at noise level ``t``: a feature set CKNNA compares with."""
+
+    model: nn.Module
+    objective: Objective
+    block: int
+    t: float
 
 
 def load_examples(config, count: int, split: str, seed: int = 0, offset: int = 0):
     """``(x0, labels)``: ``count`` examples of the run's dataset (a seeded random subset)."""
-    from ..data import build_dataset
-
     single_split = config.data.kind != "fashion_mnist"
     dataset = build_dataset(config.data, "train" if single_split else split)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
@@ -37,7 +40,7 @@ def load_examples(config, count: int, split: str, seed: int = 0, offset: int = 0
         offset = offset + len(dataset) // 2    # test examples from the other half of the permutation
     chosen = order[offset:offset + count]
     if len(chosen) < min(count, 2):
-        raise ValueError(f"the dataset has {len(dataset)} examples, too few for {count} {split} examples")
+        raise DataError(f"the dataset has {len(dataset)} examples, too few for {count} {split} examples")
     x0, labels = [], []
     generator = torch.Generator().manual_seed(seed + 1)
     for start in range(0, len(chosen), 1000):
@@ -64,11 +67,7 @@ def probe_checkpoint(model, objective, config, layers: list[int], t: float, trai
 
 
 def save_probe_plot(path: str | Path, results: dict[str, dict[int, float]], t: float) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = pyplot().subplots(figsize=(5, 3.2))
     for name, accs in results.items():
         ax.plot(list(accs), [100 * a for a in accs.values()], marker="o", label=name)
     ax.set_xlabel("block")
@@ -76,50 +75,31 @@ def save_probe_plot(path: str | Path, results: dict[str, dict[int, float]], t: f
     ax.set_title(f"linear probing at t = {t:g}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
-def cknna_checkpoint(model, objective, config, layers: list[int], t: float, target: str, target_t: float,
+def cknna_checkpoint(model, objective, config, layers: list[int], t: float, target: BlockTarget | None,
                      count: int = 2000, topk: int = 10, seed: int = 0, device="cpu") -> dict[int, float]:
     """CKNNA between each block's features at ``t`` and a target feature set of the same images.
 
-    ``target``: ``classifier`` (the Fashion-MNIST classifier's pooled features of the clean
-    images: an encoder), ``block:N`` (this model's block N at ``target_t``: the SRA teacher's view),
-    or ``PATH:N`` (block N of another checkpoint at ``target_t``).
+    ``target``: ``None`` for the Fashion-MNIST classifier's pooled features of the clean images
+    (an encoder; Fashion-MNIST runs), or a :class:`BlockTarget`: a block of this model (the SRA
+    teacher's view) or of another one, with the same noise as the model's side.
     """
     x0, _ = load_examples(config, count, "test", seed)
     generator = lambda: torch.Generator().manual_seed(seed)   # same noise for both sides
     feats = block_features(model, objective, x0, layers, t, generator())
-    if target == "classifier":
-        from .indomain import cached_classifier, classifier_outputs
-        if config.data.kind != "fashion_mnist":
-            raise ValueError("--target classifier needs a Fashion-MNIST run; use block:N or CHECKPOINT:N")
+    if target is None:
         reference = torch.from_numpy(classifier_outputs(cached_classifier(device), x0)[0])
     else:
-        where, _, block = target.rpartition(":")
-        if not block.isdigit() or not where:
-            raise ValueError(f"--target {target!r}: use classifier, block:N or CHECKPOINT:N")
-        other, other_objective = model, objective
-        if where != "block":
-            from ..runs import load_for_inference
-            other, other_objective, _ = load_for_inference(where, device=device)
-        if not 1 <= int(block) <= other.config.depth:
-            raise ValueError(f"--target {target!r}: blocks are numbered 1..{other.config.depth}")
-        reference = block_features(other, other_objective, x0, [int(block)], target_t, generator())[int(block)]
+        reference = block_features(target.model, target.objective, x0, [target.block], target.t,
+                                   generator())[target.block]
     return {layer: cknna(feats[layer], reference, topk) for layer in layers}
 
 
 def pca_checkpoint(model, objective, config, layers: list[int], times: list[float], count: int, path,
                    seed: int = 0, title: str = "") -> Path:
     """PNG grid of PCA maps (rows: noise level x image; columns: noisy input, then blocks)."""
-    from .features import objective_time
-    from .pca import pca_rgb, save_pca_grid
-
     x0, _ = load_examples(config, count, "test", seed)
     inputs, maps = {}, {}
     for t in times:

@@ -14,13 +14,13 @@ import time
 
 import torch
 
+from ..sampling import SamplerConfig, sample
 from .indomain import indomain_metrics
 
 EVAL_STEPS = 25
 
 
-def default_sampler(objective_kind: str, steps: int = EVAL_STEPS):
-    from ..sampling import SamplerConfig
+def default_sampler(objective_kind: str, steps: int = EVAL_STEPS) -> SamplerConfig:
     return SamplerConfig(name="ddim" if objective_kind == "ddpm" else "euler", steps=steps)
 
 
@@ -28,8 +28,6 @@ def default_sampler(objective_kind: str, steps: int = EVAL_STEPS):
 def draw_samples(model, objective, num_samples: int, generator: torch.Generator, device,
                  sampler=None, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """``(samples in model space (N, C, H, W) on the CPU, labels (N,))`` with class-balanced labels."""
-    from ..sampling import sample
-
     cfg = model.config
     sampler = sampler or default_sampler(objective.kind)
     gen_device = generator.device

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
+from ..evaluation.figures import pyplot, save_figure
 from .heldout import DEFAULT_TIMES, paired_difference
 
 # metric key in the eval records: (label, higher is better)
@@ -30,11 +32,7 @@ def _last(records, key):
 
 
 def _plot_curves(path: Path, results, series, ylabel_map) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.3), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(series), figsize=(4.2 * len(series), 3.3), squeeze=False)
     for ax, (source, key) in zip(axes[0], series):
         for result in results:
             points = [(r["kimg"], r[key]) for r in result[source]
@@ -46,14 +44,10 @@ def _plot_curves(path: Path, results, series, ylabel_map) -> Path:
         ax.set_title(ylabel_map.get(key, key), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _side_by_side(path: Path, results) -> Path:
-    from PIL import Image, ImageDraw
     grids = [Image.open(r["grid"]).convert("RGB") for r in results]
     gap, title = 12, 18
     width = sum(g.width for g in grids) + gap * (len(grids) - 1)

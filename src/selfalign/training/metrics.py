@@ -12,8 +12,12 @@ import math
 import os
 from pathlib import Path
 
-from ..errors import DataError
+import numpy as np
+from PIL import Image
+
+from ..errors import ConfigError, DataError
 from ..formats import faults
+from .outcome import TrainingStopped
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -53,26 +57,21 @@ class MetricsLog:
 
     def __init__(self, run_dir: str | os.PathLike, resume_step: int, *, tensorboard: bool = False,
                  wandb: bool = False, wandb_project: str = "selfalign", wandb_entity: str = "",
-                 run_name: str = "", config: dict | None = None, log=print):
+                 run_name: str = "", config: dict | None = None):
         self.path = Path(run_dir) / METRICS_FILE
         self.truncate(resume_step)
         self._file = open(self.path, "a")
         self._tb = None
         self._wandb = None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:     # an optional extra, on by default: the run goes on without it
-                log("note: logging.tensorboard=true but TensorBoard is not installed (pip install "
-                    "'selfalign[logging]'); metrics go to metrics.jsonl only")
-            else:
-                # purge_step drops the previous run's events after the checkpoint we resume from.
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step drops the previous run's events after the checkpoint we resume from.
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
         if wandb:
             try:
                 import wandb as wandb_module
             except ImportError:
-                raise ValueError("logging.wandb=true but wandb is not installed: pip install wandb, "
+                raise ConfigError("logging.wandb=true but wandb is not installed: pip install wandb, "
                                  "or set logging.wandb=false") from None
             self._wandb = wandb_module.init(project=wandb_project, entity=wandb_entity or None,
                                             name=run_name or Path(run_dir).name, dir=str(run_dir),
@@ -105,7 +104,6 @@ class MetricsLog:
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as err:      # e.g. a full disk: one line, not a traceback from deep in the loop
-            from .trainer import TrainingStopped
             raise TrainingStopped(f"could not write {self.path} ({err.strerror or err}); the checkpoints "
                                   f"are not affected: make room and continue with --resume auto") from None
         step, kind = record["step"], record.get("kind", "train")
@@ -120,8 +118,6 @@ class MetricsLog:
     def add_image(self, tag: str, path: Path, step: int) -> None:
         if self._tb is None and self._wandb is None:
             return
-        import numpy as np
-        from PIL import Image
         array = np.asarray(Image.open(path).convert("RGB"))
         if self._tb is not None:
             self._tb.add_image(tag, array, step, dataformats="HWC")
