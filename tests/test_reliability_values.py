@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_kill_harness
 from selfalign.cli import build_parser, main
 from selfalign.errors import CheckpointError, ConfigError, DataError
 
@@ -42,6 +43,33 @@ ROWS = [
     ("regularizer-weight-inf", [*TRAIN, *S("regularizers.sra.weight=-.inf")],
      ["regularizers.sra.weight: expected a finite number"]),
     ("objective-lognormal-nan", [*TRAIN, *S("objective.lognormal_mean=.nan")], ["objective.lognormal_mean"]),
+    ("batch-size-above-limit", [*TRAIN, *S("train.batch_size=2000000")],
+     ["train.batch_size must be at most 1048576", "train.micro_batch"]),
+    ("micro-batch-above-limit", [*TRAIN, *S("train.micro_batch=2000000")], ["train.micro_batch must be at most"]),
+    ("eval-samples-above-limit", [*TRAIN, *S("train.eval_samples=100000000")], ["train.eval_samples"]),
+    ("resolution-above-limit", [*TRAIN, *S("data.resolution=100000")], ["data.resolution must be in 1..8192"]),
+    ("workers-above-limit", [*TRAIN, *S("data.num_workers=100000")], ["data.num_workers must be in 0..1024"]),
+    ("classes-above-limit", [*TRAIN, *S("model.num_classes=100000000")], ["model.num_classes must be in 1..1048576"]),
+    ("channels-above-limit", [*TRAIN, *S("model.in_channels=5000")], ["model.in_channels must be in 1..1024"]),
+    ("sampler-steps-above-limit", [*TRAIN, *S("sampler.steps=1000000000")], ["sampler.steps must be in 1..100000"]),
+    ("ddpm-timesteps-above-limit", [*TRAIN, *S("objective.kind=ddpm", "objective.num_timesteps=1000000000")],
+     ["objective.num_timesteps must be in 2..100000"]),
+    ("repa-projector-above-limit", ["train", "fmnist-cpu-tiny-repa", "--run-dir", "{run}",
+                                    *S("regularizers.repa.projector_dim=10000000")],
+     ["regularizers.repa.projector_dim must be in [1, 65536]"]),
+    ("sra2-head-above-limit", ["train", "fmnist-cpu-tiny-sra2", "--run-dir", "{run}",
+                               *S("regularizers.sra2.hidden_dim=10000000")], ["regularizers.sra2.hidden_dim"]),
+    ("sra-decay-start-negative", [*TRAIN, *S("regularizers.sra.decay_start_epoch=-1")],
+     ["regularizers.sra.decay_start_epoch must be >= 0"]),
+    ("batch-larger-than-the-dataset", [*TRAIN, *S("data.path={fm}", "train.batch_size=128")],
+     ["train.batch_size=128 is larger than the dataset (64 examples)", "at most 64"]),
+    # user configs: what they must say
+    ("empty-config", ["train", "{files}/empty.yaml", "--run-dir", "{out}"],
+     ["empty.yaml' is empty", "model.preset", "data.kind", "base:"]),
+    ("config-without-data", ["train", "{files}/model-only.yaml", "--run-dir", "{out}"],
+     ["does not set data.kind", "fashion_mnist, imagefolder, latents"]),
+    ("config-with-empty-sections", ["train", "{files}/empty-sections.yaml", "--run-dir", "{out}"],
+     ["does not set model.preset or data.kind"]),
     # sample
     ("sample-cfg-nan", ["sample", "{run}", "--out", "{out}", "--cfg-scale", "nan"], ["--cfg-scale", "finite"]),
     ("sample-cfg-inf", ["sample", "{run}", "--out", "{out}", "--cfg-scale", "inf"], ["--cfg-scale", "finite"]),
@@ -139,13 +167,17 @@ def files(tmp_path_factory):
     np.savez(base / "small.npz", arr_0=gray_images(8, size=8))
     np.savez(base / "bad-labels.npz", arr_0=gray_images(8), arr_1=np.arange(8) + 10)
     np.savez(base / "nan-ref.npz", mu=np.array([0.0, np.nan, 0.0]), sigma=np.eye(3))
+    (base / "empty.yaml").write_text("")
+    (base / "model-only.yaml").write_text("model:\n  preset: SiT-T/4\n")
+    (base / "empty-sections.yaml").write_text("model:\ndata:\ntrain:\n  lr: 0.001\n")
+    load_kill_harness().make_data(base / "fmnist", count=64)
     small_network(base / "net.pt")
     (base / "run").mkdir()
     return base
 
 
 def paths_for(files, tmp_path):
-    return {"files": str(files), "npz": str(files / "samples.npz"), "net": str(files / "net.pt"),
+    return {"files": str(files), "npz": str(files / "samples.npz"), "net": str(files / "net.pt"), "fm": str(files / "fmnist"),
             "run": str(files / "run"), "tmp": str(tmp_path), "out": str(tmp_path / "out")}
 
 
@@ -280,15 +312,54 @@ def test_loader_refuses_nonfinite_floats_unless_a_field_allows_them():
             from_dict(Section, {"count": value}, "s")
 
 
-def test_every_seed_the_config_accepts_reaches_torch():
-    """A seed is checked against what torch's generators take, so a valid config never fails
-    later with "Overflow when unpacking long long"."""
+def test_every_seed_the_config_accepts_reaches_torch(tmp_path, files):
+    """A seed is checked against what torch's generators take, and every seed derived from it
+    stays within that, so a valid config never fails later with "Overflow when unpacking long long"."""
     from selfalign.config.experiment import load_config
+    from selfalign.training.samples import grid_inputs
+    from selfalign.training.trainer import train
 
-    largest = load_config("fmnist-cpu-tiny-sra", ["train.seed=9223372036854775807", "train.device=cpu"])
-    torch.Generator().manual_seed(largest.train.seed)
+    largest = 2 ** 63 - 1
     with pytest.raises(ConfigError, match="train.seed"):
-        load_config("fmnist-cpu-tiny-sra", ["train.seed=9223372036854775808"])
+        load_config("fmnist-cpu-tiny-sra", [f"train.seed={largest + 1}"])
+    grid_inputs(4, 1, 8, 10, largest, torch.device("cpu"))
+    config = load_config("fmnist-cpu-tiny-sra", [
+        f"train.seed={largest}", "train.device=cpu", f"data.path={files / 'fmnist'}", "model.preset=SiT-T/8",
+        "train.batch_size=8", "train.total_kimg=0.008", "train.ckpt_every_kimg=0.008",
+        "train.sample_every_kimg=0.008", "train.sample_count=4", "train.eval_every_kimg=0",
+        "logging.tensorboard=false", "logging.progress_bar=false"])
+    result = train(config, tmp_path / "run", log=lambda _m: None)
+    assert result.step == 1 and (tmp_path / "run" / "samples").is_dir()
+
+
+def test_a_resume_mismatch_names_what_the_checkpoint_has():
+    """Resuming an SRA run with the vanilla preset said the checkpoint had ``regularizers '<unset>'``."""
+    from selfalign.config.experiment import load_config, resume_mismatch
+
+    sra, vanilla, repa = (load_config(f"fmnist-cpu-tiny-{name}") for name in ("sra", "vanilla", "repa"))
+    assert resume_mismatch(sra.to_dict(), vanilla) == "regularizers: the checkpoint has sra but this config has none"
+    assert resume_mismatch(vanilla.to_dict(), sra) == "regularizers: the checkpoint has none but this config has sra"
+    assert resume_mismatch(sra.to_dict(), repa) == "regularizers: the checkpoint has sra but this config has repa"
+    changed = load_config("fmnist-cpu-tiny-sra", ["regularizers.sra.k_max=0.5"])
+    assert resume_mismatch(sra.to_dict(), changed) == "regularizers.sra.k_max is 0.2 in the checkpoint but 0.5 now"
+    allowed = load_config("fmnist-cpu-tiny-sra", ["train.total_kimg=9", "sampler.steps=7", "logging.wandb=true"])
+    assert resume_mismatch(sra.to_dict(), allowed) is None
+    without_sampler = {key: value for key, value in sra.to_dict().items() if key != "sampler"}
+    assert resume_mismatch({**without_sampler, "sampler": None}, sra) is None      # sampler.* may change
+
+
+def test_every_preset_and_a_based_file_satisfy_the_required_keys(tmp_path):
+    from selfalign.config.experiment import REQUIRED_KEYS, load_config, preset_names
+
+    for name in preset_names():
+        load_config(name, required=REQUIRED_KEYS)
+    (tmp_path / "mine.yaml").write_text("base: fmnist-cpu-tiny-sra\ntrain:\n  lr: 0.001\n")
+    assert load_config(tmp_path / "mine.yaml", required=REQUIRED_KEYS).model.preset == "SiT-T/4"
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    config = load_config(empty, ["model.preset=SiT-T/4", "data.kind=fashion_mnist"], required=REQUIRED_KEYS)
+    assert config.model.preset == "SiT-T/4"
+    assert load_config(empty).model.preset == "SiT-XL/2"      # the Python API keeps its defaults
 
 
 # -- values that reach the evaluation code --------------------------------------------------------

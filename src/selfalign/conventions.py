@@ -48,3 +48,5 @@ MAX_CHANNELS = 1024               # model input channels
 MAX_CLASSES = 2 ** 20             # class-conditional label count
 MAX_STEPS = 100_000               # sampling steps, diffusion timesteps
 MAX_SAMPLES = 10 ** 7             # images drawn or evaluated in one command
+MAX_WIDTH = 65536                 # hidden width of a regularizer's head or projector
+MAX_WORKERS = 1024                # data-loading worker processes

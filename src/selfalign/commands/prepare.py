@@ -1,7 +1,7 @@
 """``selfalign prepare``: cache VAE latents of an image folder (or zip) as checksummed shards."""
 from __future__ import annotations
 
-from ..conventions import MAX_SAMPLES
+from ..conventions import MAX_SAMPLES, MAX_WORKERS, SD_VAE_SCALE
 from .argtypes import (batch_size, device_name, existing_path, int_range, non_negative_int, positive_float,
                        positive_int)
 
@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--format", dest="file_format", choices=("safetensors", "npy"), default="safetensors")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage dtype")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="VAE compute precision")
-    p.add_argument("--workers", type=int_range(0, 1024), default=None,
+    p.add_argument("--workers", type=int_range(0, MAX_WORKERS), default=None,
                    help="image-decoding workers per process (default 4)")
     p.add_argument("--device", type=device_name, default="auto",
                    help="auto: cuda:$LOCAL_RANK if available, else cpu; or cpu, cuda, cuda:N")
@@ -43,7 +43,6 @@ def run(args) -> int:
 
     from ..pipeline.prepare import PrepareConfig, distributed_defaults, prepare
     from ..data.vae import DEFAULT_VAE
-    from ..conventions import SD_VAE_SCALE
 
     rank, world, _ = distributed_defaults()
     config = PrepareConfig(

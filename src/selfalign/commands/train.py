@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..config.experiment import load_config, preset_names, resolve_config_path
+    from ..config.experiment import REQUIRED_KEYS, load_config, preset_names, resolve_config_path
     from ..training.distributed import world_size_from_env
 
     if args.list:
@@ -32,7 +32,7 @@ def run(args) -> int:
         return 0
     if not args.config:
         raise UsageError("give a config file or preset name (selfalign train --list shows the presets)")
-    config = load_config(args.config, args.overrides, world_size=world_size_from_env())
+    config = load_config(args.config, args.overrides, world_size=world_size_from_env(), required=REQUIRED_KEYS)
     name = config.name or Path(resolve_config_path(args.config)).stem
     run_dir = Path(args.run_dir or Path("runs") / name)
     if run_dir.exists() and not run_dir.is_dir():
