@@ -51,6 +51,7 @@ ROWS = [
     ("workers-above-limit", [*TRAIN, *S("data.num_workers=100000")], ["data.num_workers must be in 0..1024"]),
     ("classes-above-limit", [*TRAIN, *S("model.num_classes=100000000")], ["model.num_classes must be in 1..1048576"]),
     ("channels-above-limit", [*TRAIN, *S("model.in_channels=5000")], ["model.in_channels must be in 1..1024"]),
+    ("sampler-eta-above-1", [*TRAIN, *S("sampler.eta=2")], ["sampler.eta must be in [0, 1]"]),
     ("sampler-steps-above-limit", [*TRAIN, *S("sampler.steps=1000000000")], ["sampler.steps must be in 1..100000"]),
     ("ddpm-timesteps-above-limit", [*TRAIN, *S("objective.kind=ddpm", "objective.num_timesteps=1000000000")],
      ["objective.num_timesteps must be in 2..100000"]),
@@ -98,6 +99,8 @@ ROWS = [
     ("fid-resolution-huge", ["eval", "fid", "{npz}", "--ref", "{npz}", "--resolution", HUGE], ["--resolution"]),
     ("fid-nan-reference", ["eval", "fid", "{npz}", "--ref", "{files}/nan-ref.npz", "--inception", "{net}",
                            "--device", "cpu", "--no-progress"], ["nan-ref.npz", "NaN", "eval ref"]),
+    ("fid-four-channel-images", ["eval", "fid", "{files}/cmyk.npz", "--ref", "{npz}", "--inception", "{net}",
+                                 "--device", "cpu", "--no-progress"], ["cmyk.npz", "4 channels"]),
     ("ref-pr-count-zero", ["eval", "ref", "{npz}", "--out", "{tmp}/r.npz", "--pr-count", "0"], ["--pr-count"]),
     ("ref-pr-count-below-neighbours", ["eval", "ref", "{npz}", "--out", "{tmp}/r.npz", "--pr-count", "3"],
      ["--pr-count 3", "at least 4"]),
@@ -167,6 +170,7 @@ def files(tmp_path_factory):
     np.savez(base / "small.npz", arr_0=gray_images(8, size=8))
     np.savez(base / "bad-labels.npz", arr_0=gray_images(8), arr_1=np.arange(8) + 10)
     np.savez(base / "nan-ref.npz", mu=np.array([0.0, np.nan, 0.0]), sigma=np.eye(3))
+    np.savez(base / "cmyk.npz", arr_0=np.zeros((8, 32, 32, 4), dtype=np.uint8))
     (base / "empty.yaml").write_text("")
     (base / "model-only.yaml").write_text("model:\n  preset: SiT-T/4\n")
     (base / "empty-sections.yaml").write_text("model:\ndata:\ntrain:\n  lr: 0.001\n")
@@ -410,6 +414,36 @@ def test_indomain_metrics_accept_only_fashion_mnist_like_images():
                      (torch.rand(4, 2, 32, 32), "colour")]:
         with pytest.raises(DataError, match=why):
             check_fashion_mnist_like(bad)
+
+
+def test_sampling_that_yields_nan_or_inf_is_refused_instead_of_black_images():
+    from conftest import randomize_zero_init
+    from selfalign.evaluation.generate import make_draw
+    from selfalign.models import build_model
+    from selfalign.objectives import build_objective
+    from selfalign.sampling import SamplerConfig
+
+    torch.manual_seed(0)
+    model = randomize_zero_init(build_model("SiT-T/8", input_size=16, in_channels=1, num_classes=10)).eval()
+    noise, labels = torch.randn(2, 1, 16, 16), np.array([1, 2])
+    fine = make_draw(model, build_objective(), SamplerConfig(name="euler", steps=3, cfg_scale=4.0), "cpu")
+    assert fine(noise, labels, [1, 2]).dtype == np.uint8
+    huge = make_draw(model, build_objective(), SamplerConfig(name="euler", steps=3, cfg_scale=1e30), "cpu")
+    with pytest.raises(ConfigError, match="sampling produced NaN or infinite values.*cfg_scale 1e\\+30"):
+        huge(noise, labels, [1, 2])
+
+
+def test_cknna_on_too_few_examples_for_its_neighbours_is_one_line():
+    from conftest import randomize_zero_init
+    from selfalign.config.experiment import load_config
+    from selfalign.evaluation.analysis import cknna_checkpoint
+    from selfalign.models.backbone import DiffusionTransformer
+    from selfalign.objectives import build_objective
+
+    config = load_config({"model": {"preset": "SiT-T/8"}, "data": {"kind": "fashion_mnist", "resolution": 32}})
+    model = randomize_zero_init(DiffusionTransformer(config.backbone_config())).eval()
+    with pytest.raises(DataError, match="gives 3 test examples, too few for CKNNA with topk=2.*--topk"):
+        cknna_checkpoint(model, build_objective(), config, [1], 0.1, None, count=3, topk=2)
 
 
 # -- values that reach the checkpoint and metrics files -------------------------------------------

@@ -58,8 +58,8 @@ class SamplerConfig:
                              f"{self.guidance_high}: the guidance interval is reversed")
         if not 0.0 < self.last_step < 1.0:
             raise ValueError(f"sampler.last_step must be in (0, 1), got {self.last_step}")
-        if self.eta < 0:
-            raise ValueError(f"sampler.eta must be >= 0, got {self.eta}")
+        if not 0.0 <= self.eta <= 1.0:     # above 1 the DDIM step takes the root of a negative number
+            raise ValueError(f"sampler.eta must be in [0, 1] (0: deterministic, 1: ancestral-like), got {self.eta}")
         if self.legacy_cfg_channels is not None and not 1 <= self.legacy_cfg_channels <= MAX_CHANNELS:
             raise ValueError(f"sampler.legacy_cfg_channels must be in 1..{MAX_CHANNELS} or null, "
                              f"got {self.legacy_cfg_channels}")
