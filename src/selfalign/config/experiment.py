@@ -21,7 +21,7 @@ from ..conventions import (MAX_BATCH, MAX_CHANNELS, MAX_CLASSES, MAX_GRID, MAX_R
                            MAX_WORKERS)
 from ..errors import ConfigError
 from ..models import backbone_config, parse_preset
-from ..objectives import ObjectiveConfig
+from ..objectives import ObjectiveConfig, space_timesteps
 from ..regularizers import REGISTRY, RegularizerConfig
 from ..sampling.config import SamplerConfig
 from .loader import apply_overrides, from_dict, to_dict
@@ -218,6 +218,11 @@ class ExperimentConfig:
                 self.sampler.check_objective(o.kind)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+            if o.kind == "ddpm":    # checked now, not at the first sample grid hours into the run
+                try:
+                    space_timesteps(o.num_timesteps, self.sampler.respacing or str(self.sampler.steps))
+                except ConfigError as err:
+                    raise ConfigError(f"sampler.{err}") from None
         if t.batch_size % world_size:
             raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the number of "
                               f"processes ({world_size})")
