@@ -116,7 +116,7 @@ def test_pixel_data_uses_x0_latents_need_images(tiny_model):
     x0 = torch.randn(2, 4, 8, 8)
     feats = {2: torch.randn(2, 16, 128)}
     for images in (None, x0):                                  # no images, or the latents again
-        with pytest.raises(RuntimeError, match="raw images"):
+        with pytest.raises(ConfigError, match="raw images"):
             reg(make_ctx(model, x0, feats, images=images))
     images = torch.rand(2, 3, 64, 64) * 2 - 1                 # images at 8x the latent size
     assert torch.isfinite(reg(make_ctx(model, x0, feats, images=images)))

@@ -38,7 +38,8 @@ def run(args) -> int:
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--run-dir {run_dir} is a file; give a directory (a new one, or a run to resume)")
 
-    from ..training.trainer import TrainingStopped, train
+    from ..training.outcome import TrainingStopped
+    from ..training.trainer import train
     try:
         result = train(config, run_dir, args.resume)
     except TrainingStopped as err:

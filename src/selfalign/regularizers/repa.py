@@ -98,8 +98,8 @@ class REPA(Regularizer):
         """``ctx.images``, or ``x0`` for pixel data; latents are refused, not misread as images."""
         images = ctx.images if ctx.images is not None else ctx.x0
         if images.shape[1] not in (1, 3):
-            raise RuntimeError(f"REPA needs raw images (1 or 3 channels), got {images.shape[1]} channels: "
-                               "serve latent data with its images (the latent dataset's with_images)")
+            raise ConfigError(f"REPA needs raw images (1 or 3 channels), got {images.shape[1]} channels: "
+                              "serve latent data with its images (the latent dataset's with_images)")
         return images
 
     @torch.no_grad()

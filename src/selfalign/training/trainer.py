@@ -307,7 +307,7 @@ class Trainer:
         gen = torch.Generator(device=self.info.device).manual_seed(cfg.train.seed + EVAL_STREAM)
         try:
             return evaluate(self.ema.model, self.objective, cfg, cfg.train.eval_samples, gen, self.info.device)
-        except (SelfalignError, ValueError, FileNotFoundError) as err:
+        except SelfalignError as err:
             self._eval_disabled = True
             self.log(f"warning: evaluation disabled for this run: {err}")
             return None
