@@ -42,7 +42,7 @@ def test_filter_and_shape_options(capsys):
 def test_bad_input_is_one_line_and_exit_code_2(capsys):
     assert main(["models", "--filter", "XL/2", "--input-size", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("selfalign models: error:") and "input_size" in err and "\n" not in err
+    assert err.startswith("selfalign models: error:") and "--input-size" in err and "\n" not in err
 
 
 def test_no_matching_preset_is_an_error(capsys):

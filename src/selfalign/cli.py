@@ -12,6 +12,7 @@ import importlib
 import sys
 import traceback
 
+from .commands.argtypes import OneLineParser
 from .errors import SelfalignError
 
 
@@ -28,7 +29,7 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="selfalign", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="selfalign", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -37,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:     # --help (0) or a flag out of range (2, one line already printed)
+        return exit_.code if isinstance(exit_.code, int) else 2
     try:
         result = args.func(args)
     except SelfalignError as err:

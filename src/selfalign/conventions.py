@@ -26,9 +26,27 @@ Class labels
     ``num_classes`` real classes ``0 .. num_classes-1``; the null (unconditional) class used for
     classifier-free guidance is ``num_classes``. Label dropout happens once per example, in the
     trainer, before any forward pass, so the student and the SRA teacher see the same labels.
+
+Size limits
+    Every count, size and seed a user gives (a config key or a command-line flag) is checked
+    against the bounds below before anything is allocated, so a typo such as a batch of 10**26
+    is one line instead of the kernel killing the process. They are far above any published
+    run; no integer setting may exceed 64 bits, so none overflows inside torch or NumPy.
 """
 
 SD_VAE_SCALE = 0.18215
 DATA_TIME = 0.0
 NOISE_TIME = 1.0
 CFG_LABEL_DROPOUT = 0.1
+
+# Size limits (see above).
+MAX_SEED = 2 ** 63 - 1            # seeds: 0 .. the largest signed 64-bit integer
+MAX_BATCH = 2 ** 20               # images per optimizer step (global), per sampling or evaluation batch
+MAX_RESOLUTION = 8192             # image side in pixels
+MAX_GRID = 1024                   # model input side (pixels or latent cells)
+MAX_CHANNELS = 1024               # model input channels
+MAX_CLASSES = 2 ** 20             # class-conditional label count
+MAX_STEPS = 100_000               # sampling steps, diffusion timesteps
+MAX_SAMPLES = 10 ** 7             # images drawn or evaluated in one command
+MAX_WIDTH = 65536                 # hidden width of a regularizer's head or projector
+MAX_WORKERS = 1024                # data-loading worker processes

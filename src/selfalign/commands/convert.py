@@ -1,6 +1,9 @@
 """``selfalign convert``: import released DiT/SiT/REPA/SRA checkpoints, or export to their layouts."""
 from __future__ import annotations
 
+from ..conventions import MAX_CLASSES, MAX_GRID
+from .argtypes import existing_file, existing_path, int_range, positive_int
+
 LAYOUT_HELP = ("sra: official SRA release, SiT-SRA or DiT-SRA (told apart by the tensors), with ap_head, "
                "opt, args and epoch; repa: REPA SiT (+ projectors); sit: original SiT (t = 1 is data, learned "
                "sigma); dit: original DiT (learned sigma)")
@@ -18,26 +21,29 @@ def add_parser(sub) -> None:
                              description="Write a resumable run directory: config from the checkpoint's args "
                                          "(one line for each it cannot use), the released step as the run's step, "
                                          "the SRA head and the optimizer state where they map.")
-    imp.add_argument("source", help="the released checkpoint file")
+    imp.add_argument("source", type=existing_file, help="the released checkpoint file")
     imp.add_argument("run_dir", help="new selfalign run directory to write (must not exist, or be empty)")
     imp.add_argument("--from", dest="layout", required=True, choices=("sra", "repa", "sit", "dit"),
                      help=LAYOUT_HELP)
     imp.add_argument("--preset", default=None, help="e.g. SiT-XL/2 (default: inferred from the shapes)")
-    imp.add_argument("--input-size", type=int, default=None, help="latent grid size (default: inferred)")
-    imp.add_argument("--num-classes", type=int, default=None, help="default: inferred (1000 for ImageNet)")
+    imp.add_argument("--input-size", type=int_range(1, MAX_GRID), default=None,
+                     help="latent grid size (default: inferred)")
+    imp.add_argument("--num-classes", type=int_range(1, MAX_CLASSES), default=None,
+                     help="default: inferred (1000 for ImageNet)")
     imp.add_argument("--keep-heads", action="store_true",
                      help="keep REPA's projector as regularizer weights (default: drop); SRA's ap_head is always kept")
     imp.add_argument("--data-path", default="", help="prepared latent dataset to record as data.path")
-    imp.add_argument("--processes", type=int, default=None, metavar="N", help=PROCESSES_HELP)
+    imp.add_argument("--processes", type=positive_int, default=None, metavar="N", help=PROCESSES_HELP)
     imp.set_defaults(func=run_import)
     exp = actions.add_parser("export", help="selfalign run/checkpoint directory -> released layout")
-    exp.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint directory")
+    exp.add_argument("checkpoint", type=existing_path,
+                     help="run directory (newest checkpoint) or checkpoint directory")
     exp.add_argument("out_file", help="output .pt (sra: the released training checkpoint; others: "
                                       "{'model', 'ema'}) or .safetensors (EMA only)")
     exp.add_argument("--to", dest="layout", required=True, choices=("sra", "repa", "sit", "dit"),
                      help=LAYOUT_HELP)
     exp.add_argument("--force", action="store_true", help="overwrite OUT_FILE if it exists")
-    exp.add_argument("--processes", type=int, default=None, metavar="N",
+    exp.add_argument("--processes", type=positive_int, default=None, metavar="N",
                      help=PROCESSES_HELP.replace("(default 8,", "(default: the imported run's, else 8,"))
     exp.set_defaults(func=run_export)
 

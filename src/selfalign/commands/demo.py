@@ -14,6 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UsageError
+from .argtypes import device_name
+
 
 @dataclass(frozen=True)
 class DemoRun:
@@ -61,7 +64,7 @@ def add_parser(sub) -> None:
     size.add_argument("--quick", action="store_true", help="200 steps of 32 images per run")
     size.add_argument("--smoke", action="store_true", help="6 steps of 16 on SiT-T/8: checks that everything runs")
     size.add_argument("--longer", action="store_true", help="3000 steps of 64 per run, plus Inception FID")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.set_defaults(func=run)
 

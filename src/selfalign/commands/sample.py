@@ -7,27 +7,32 @@ from __future__ import annotations
 
 import argparse
 
+from ..conventions import MAX_SAMPLES, MAX_STEPS
 from ..errors import UsageError
+from .argtypes import (batch_size, device_name, existing_path, int_range, non_negative_float, non_negative_int,
+                       noise_level, positive_int, seed)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="draw samples from a checkpoint into an ADM .npz",
                        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint directory")
+    p.add_argument("checkpoint", type=existing_path,
+                   help="run directory (newest checkpoint) or checkpoint directory")
     p.add_argument("--out", required=True, help="output directory (samples.npz, shards/, png/)")
-    p.add_argument("-n", "--num-samples", type=int, default=50000)
+    p.add_argument("-n", "--num-samples", type=int_range(1, MAX_SAMPLES), default=50000)
     p.add_argument("--sampler", default=None, help="euler | heun | euler_maruyama | ddpm | ddim "
                    "(default: the run's; without one euler_maruyama for flows, ddpm for DDPM)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's, else 250)")
-    p.add_argument("--cfg-scale", type=float, default=None,
+    p.add_argument("--steps", type=int_range(1, MAX_STEPS), default=None,
+                   help="sampling steps (default: the run's, else 250)")
+    p.add_argument("--cfg-scale", type=non_negative_float, default=None,
                    help="classifier-free guidance scale, 1 = off (default: the run's, else 1)")
-    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+    p.add_argument("--guidance-interval", type=noise_level, nargs=2, metavar=("LOW", "HIGH"), default=None,
                    help="guide only for t in [LOW, HIGH] (e.g. 0 0.7; default: the run's, else 0 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other sampler setting, e.g. --set diffusion=sigma --set eta=1.0")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64, help="per-process batch")
-    p.add_argument("--shard-size", type=int, default=None,
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--batch-size", type=batch_size, default=64, help="per-process batch")
+    p.add_argument("--shard-size", type=int_range(1, MAX_SAMPLES), default=None,
                    help="images per resumable shard, a multiple of --batch-size (default 16 batches)")
     p.add_argument("--class-balanced", action="store_true", help="equal class counts instead of uniform labels")
     p.add_argument("--unconditional", action="store_true", help="sample with the null class")
@@ -35,9 +40,11 @@ def add_parser(sub) -> None:
     p.add_argument("--png", action="store_true", help="also write every image to OUT/png/")
     p.add_argument("--vae", default=None, help="latent models: VAE hub id or directory "
                    "(default: the one the latent dataset was prepared with)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--rank", type=int, default=None, help="this process's share (default: torchrun's RANK)")
-    p.add_argument("--world-size", type=int, default=None, help="number of shares (default: torchrun's)")
+    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--rank", type=non_negative_int, default=None,
+                   help="this process's share (default: torchrun's RANK)")
+    p.add_argument("--world-size", type=positive_int, default=None,
+                   help="number of shares (default: torchrun's)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 

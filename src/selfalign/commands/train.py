@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..config.experiment import load_config, preset_names, resolve_config_path
+    from ..config.experiment import REQUIRED_KEYS, load_config, preset_names, resolve_config_path
     from ..formats.paths import check_output_dir, check_run_name
     from ..training.distributed import world_size_from_env
 
@@ -33,7 +33,7 @@ def run(args) -> int:
         return 0
     if not args.config:
         raise UsageError("give a config file or preset name (selfalign train --list shows the presets)")
-    config = load_config(args.config, args.overrides, world_size=world_size_from_env())
+    config = load_config(args.config, args.overrides, world_size=world_size_from_env(), required=REQUIRED_KEYS)
     check_run_name(config.name)
     name = config.name or Path(resolve_config_path(args.config)).stem
     run_dir = check_output_dir(args.run_dir or Path("runs") / name,

@@ -13,13 +13,15 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
+from ..conventions import (MAX_BATCH, MAX_CHANNELS, MAX_CLASSES, MAX_GRID, MAX_RESOLUTION, MAX_SAMPLES, MAX_SEED,
+                           MAX_WORKERS)
 from ..errors import ConfigError
 from ..models import backbone_config, parse_preset
-from ..objectives import ObjectiveConfig
+from ..objectives import ObjectiveConfig, space_timesteps
 from ..regularizers import REGISTRY, RegularizerConfig
 from ..sampling.config import SamplerConfig
 from .loader import apply_overrides, from_dict, to_dict
@@ -27,9 +29,10 @@ from .presets import PRESET_DIR, preset_names, read_config, resolve_config_path
 
 __all__ = ["ExperimentConfig", "ModelConfig", "DataConfig", "TrainConfig", "LoggingConfig", "load_config",
            "experiment_from_dict", "save_config", "resume_mismatch", "preset_names", "resolve_config_path",
-           "PRESET_DIR", "VAE_DOWNSAMPLE", "LATENT_CHANNELS", "RESUMABLE_CHANGES"]
+           "PRESET_DIR", "VAE_DOWNSAMPLE", "LATENT_CHANNELS", "RESUMABLE_CHANGES", "REQUIRED_KEYS"]
 VAE_DOWNSAMPLE = 8          # SD-VAE: 256 px -> 32x32 latents
 LATENT_CHANNELS = 4
+DataKind = Literal["fashion_mnist", "imagefolder", "latents"]
 DATA_DEFAULTS = {           # kind: (in_channels, num_classes) unless the config says otherwise
     "fashion_mnist": (1, 10), "imagefolder": (3, 1000), "latents": (LATENT_CHANNELS, 1000),
 }
@@ -40,6 +43,9 @@ RESUMABLE_CHANGES = (
     "train.eval_every_kimg", "train.eval_samples", "train.nonfinite", "train.max_consecutive_bad",
     "train.device", "train.compile", "sampler.",
 )
+# What a user's config must state itself or through its base:, so that an empty or partial file is
+# refused instead of training the defaults (SiT-XL/2 on Fashion-MNIST, 673 M parameters).
+REQUIRED_KEYS = ("model.preset", "data.kind")
 
 
 @dataclass
@@ -57,30 +63,30 @@ class ModelConfig:
             parse_preset(self.preset)
         except ValueError as err:
             raise ConfigError(f"model.preset: {err}") from None
-        for key in ("input_size", "in_channels", "num_classes"):
+        for key, most in (("input_size", MAX_GRID), ("in_channels", MAX_CHANNELS), ("num_classes", MAX_CLASSES)):
             value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"model.{key} must be >= 1, got {value}")
+            if value is not None and not 1 <= value <= most:
+                raise ConfigError(f"model.{key} must be in 1..{most}, got {value}")
 
 
 @dataclass
 class DataConfig:
-    kind: Literal["fashion_mnist", "imagefolder", "latents"] = "fashion_mnist"
+    kind: DataKind = "fashion_mnist"
     path: str = ""                      # "" = the default location (Fashion-MNIST only)
     resolution: int = 32                # image size in pixels (latents: of the encoded images)
     hflip: bool = False                 # random horizontal flips, drawn from the step generator
     num_workers: int = 0                # DataLoader workers (0: load in the training process)
 
     def validate(self) -> None:
-        if self.resolution < 1:
-            raise ConfigError(f"data.resolution must be >= 1, got {self.resolution}")
+        if not 1 <= self.resolution <= MAX_RESOLUTION:
+            raise ConfigError(f"data.resolution must be in 1..{MAX_RESOLUTION} pixels, got {self.resolution}")
         if self.kind == "fashion_mnist" and (self.resolution < 28 or self.resolution % 2):
             raise ConfigError(f"data.resolution={self.resolution}: Fashion-MNIST (28x28) is padded, "
                               f"use an even size >= 28 (default 32)")
         if self.kind != "fashion_mnist" and not self.path:
             raise ConfigError(f"data.path is required for data.kind={self.kind!r}")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.num_workers <= MAX_WORKERS:
+            raise ConfigError(f"data.num_workers must be in 0..{MAX_WORKERS}, got {self.num_workers}")
 
 
 @dataclass
@@ -129,8 +135,15 @@ class TrainConfig:
                 raise ConfigError(f"train.{key} must be in [0, 1], got {getattr(self, key)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"train.device={self.device!r}: use auto, cpu, cuda or cuda:N")
-        if self.seed < 0:
-            raise ConfigError(f"train.seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"train.seed must be in 0..2**63 - 1, got {self.seed}")
+        # Sizes that are allocated at once: checked before any model or data is built.
+        for key, most in (("batch_size", MAX_BATCH), ("micro_batch", MAX_BATCH), ("sample_count", MAX_BATCH),
+                          ("eval_samples", MAX_SAMPLES)):
+            if getattr(self, key) > most:
+                raise ConfigError(f"train.{key} must be at most {most}, got {getattr(self, key)}"
+                                  + (" (train.micro_batch splits a step into smaller forwards)"
+                                     if key == "batch_size" else ""))
 
 
 @dataclass
@@ -207,6 +220,11 @@ class ExperimentConfig:
                 self.sampler.check_objective(o.kind)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+            if o.kind == "ddpm":    # checked now, not at the first sample grid hours into the run
+                try:
+                    space_timesteps(o.num_timesteps, self.sampler.respacing or str(self.sampler.steps))
+                except ConfigError as err:
+                    raise ConfigError(f"sampler.{err}") from None
         if t.batch_size % world_size:
             raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the number of "
                               f"processes ({world_size})")
@@ -265,13 +283,35 @@ def experiment_from_dict(data: dict, world_size: int = 1) -> ExperimentConfig:
     return config
 
 
-def load_config(source: str | Path | dict, overrides: list[str] | tuple = (),
-                world_size: int = 1) -> ExperimentConfig:
+def load_config(source: str | Path | dict, overrides: list[str] | tuple = (), world_size: int = 1,
+                required: tuple[str, ...] = ()) -> ExperimentConfig:
     """Load a YAML file, preset name or mapping (its ``base:`` chain merged in), apply ``key=value``
-    overrides, type and validate."""
+    overrides, type and validate. ``required`` keys (``REQUIRED_KEYS`` for a user's config) must be
+    set by the config, its bases or the overrides."""
     data = read_config(source)
     data = apply_overrides(json.loads(json.dumps(data, default=list)), list(overrides))
+    _require(data, required, source)
     return experiment_from_dict(data, world_size)
+
+
+def _require(data: dict, keys: tuple[str, ...], source) -> None:
+    def is_set(key: str) -> bool:     # a value of the wrong type counts: typing names it better
+        node: Any = data
+        for part in key.split("."):
+            if not isinstance(node, dict):
+                return True
+            if node.get(part) is None:
+                return False
+            node = node[part]
+        return True
+
+    missing = [key for key in keys if not is_set(key)]
+    if missing:
+        where = "the config" if isinstance(source, dict) else f"config {str(source)!r}"
+        state = "is empty" if not data else f"does not set {' or '.join(missing)}"
+        raise ConfigError(f"{where} {state}: a config names its model (model.preset, e.g. SiT-B/2; `selfalign "
+                          f"models` lists them) and its data (data.kind: {', '.join(get_args(DataKind))}), or "
+                          f"starts from a preset with `base: NAME` (`selfalign train --list` lists them)")
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
@@ -279,13 +319,25 @@ def save_config(config: ExperimentConfig, path: str | Path) -> None:
                                          sort_keys=False))
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out if tree else {prefix[:-1]: {}}
-    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+def _resumable(key: str) -> bool:
+    return any(key == p or key == p.rstrip(".") or (p.endswith(".") and key.startswith(p))
+               for p in RESUMABLE_CHANGES)
+
+
+def _first_difference(old: Any, new: Any, key: str) -> str | None:
+    """The first key (depth first, sorted) where two config trees differ, saying what each holds."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return None if old == new else f"{key} is {old!r} in the checkpoint but {new!r} now"
+    names = [n for n in sorted(set(old) | set(new), key=str) if not _resumable(f"{key}.{n}" if key else str(n))]
+    only_old, only_new = [n for n in names if n not in new], [n for n in names if n not in old]
+    if only_old or only_new:     # e.g. a regularizer in one and not the other: name both sides
+        return (f"{key or 'the config'}: the checkpoint has {', '.join(map(str, only_old)) or 'none'} but this "
+                f"config has {', '.join(map(str, only_new)) or 'none'}")
+    for n in names:
+        found = _first_difference(old[n], new[n], f"{key}.{n}" if key else str(n))
+        if found:
+            return found
+    return None
 
 
 def _defaults(current: ExperimentConfig) -> dict[str, Any]:
@@ -301,14 +353,18 @@ def resume_mismatch(saved: dict, current: ExperimentConfig) -> str | None:
 
     A key the checkpoint's config lacks (a setting added since it was written) is no mismatch
     while it holds its default."""
-    old = _flatten(json.loads(json.dumps(saved, default=list)))
-    new = _flatten(json.loads(json.dumps(current.to_dict(), default=list)))
+    old = json.loads(json.dumps(saved, default=list))
+    new = json.loads(json.dumps(current.to_dict(), default=list))
     defaults = _defaults(current)
-    for key in sorted(set(old) | set(new)):
-        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES):
-            continue
-        if key not in old and key in defaults and new.get(key) == defaults[key]:
-            continue
-        if old.get(key, "<unset>") != new.get(key, "<unset>"):
-            return f"{key} is {old.get(key, '<unset>')!r} in the checkpoint but {new.get(key, '<unset>')!r} now"
-    return None
+    for key, value in _flatten(new).items():
+        if key in defaults and value == defaults[key] and key not in _flatten(old):
+            _set_path(old, key.split("."), value)
+    return _first_difference(old, new, "")
+
+
+def _set_path(tree: dict, path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        if not isinstance(tree.get(part), dict):
+            tree[part] = {}
+        tree = tree[part]
+    tree[path[-1]] = value

@@ -3,12 +3,16 @@
 Every unknown key and every value of the wrong type is rejected with one line naming the dotted
 key (``train.lr: expected float, got 'abc'``). A closed choice is a ``Literal`` field: the loader
 rejects anything else, and :func:`check_choices` does the same for a dataclass built in Python.
-Dataclasses may define ``validate()`` for range checks; it is called after loading.
+Two range rules hold for every key: an integer fits in 64 bits (so none overflows inside torch or
+NumPy), and a float is finite (NaN and infinities are refused unless the field says
+``metadata={ALLOW_NONFINITE: True}``). Dataclasses may define ``validate()`` for their own range
+checks; it is called after loading.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -18,6 +22,12 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+
+#: the largest integer a setting may hold (a signed 64-bit one: torch and NumPy take no larger)
+MAX_INT64 = 2 ** 63 - 1
+
+#: field metadata key: this float field may hold NaN or an infinity
+ALLOW_NONFINITE = "allow_nonfinite"
 
 
 class _Loader(yaml.SafeLoader):
@@ -38,7 +48,7 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _coerce(value: Any, tp, key: str):
+def _coerce(value: Any, tp, key: str, finite: bool = True):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
@@ -49,7 +59,7 @@ def _coerce(value: Any, tp, key: str):
             if option is type(None):
                 continue
             try:
-                return _coerce(value, option, key)
+                return _coerce(value, option, key, finite)
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
@@ -67,15 +77,15 @@ def _coerce(value: Any, tp, key: str):
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(value) != len(args):   # tuple[int, str]: fixed length, one type per place
                 raise ConfigError(f"{key}: expected a list of {len(args)} items, got {value!r}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_coerce(v, a, f"{key}[{i}]", finite) for i, (v, a) in enumerate(zip(value, args)))
         item_type = args[0] if args else Any
-        items = [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, item_type, f"{key}[{i}]", finite) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         value_type = typing.get_args(tp)[1] if typing.get_args(tp) else Any
-        return {str(k): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
+        return {str(k): _coerce(v, value_type, f"{key}.{k}", finite) for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:
@@ -83,13 +93,22 @@ def _coerce(value: Any, tp, key: str):
             return value
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if abs(value) > MAX_INT64:
+            raise ConfigError(f"{key}: {value} does not fit in 64 bits (|value| <= 2**63 - 1); "
+                              f"give a smaller integer")
+        return value
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = float(value)
+        except OverflowError:       # an integer beyond any float
+            number = math.inf
+        if finite and not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -142,7 +161,7 @@ def from_dict(cls, data: dict, prefix: str = "", *, validate: bool = True):
                      or [name for name in fields if name.startswith(str(key)[:3])])
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{dotted}: unknown key{hint}; valid keys: {', '.join(fields)}")
-        kwargs[key] = _coerce(value, hints[key], dotted)
+        kwargs[key] = _coerce(value, hints[key], dotted, not fields[key].metadata.get(ALLOW_NONFINITE))
     missing = [name for name, f in fields.items() if name not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:

@@ -87,6 +87,9 @@ def cknna_checkpoint(model, objective, config, layers: list[int], t: float, targ
     teacher's view) or of another one, with the same noise as the model's side.
     """
     x0, _ = load_examples(config, count, "test", seed)
+    if topk >= len(x0) - 1:
+        raise DataError(f"the run's data set gives {len(x0)} test examples, too few for CKNNA with topk={topk} "
+                        f"(each example's {topk} nearest neighbours among the others): lower --topk")
     generator = lambda: torch.Generator().manual_seed(seed)   # same noise for both sides
     feats = block_features(model, objective, x0, layers, t, generator())
     if target is None:

@@ -115,12 +115,29 @@ def load_reference_batch(path: str | Path) -> ReferenceBatch:
     if not {"mu", "sigma"} <= keys:
         raise DataError(f"{path} has no mu/sigma: not a reference batch (keys: {sorted(keys)}); "
                         "make one with `selfalign eval ref`")
-    spatial = FeatureStatistics(data["mu_s"], data["sigma_s"]) if {"mu_s", "sigma_s"} <= keys else None
+    spatial = _statistics(path, data, "mu_s", "sigma_s") if {"mu_s", "sigma_s"} <= keys else None
+    features = data["pool_features"] if "pool_features" in keys else None
+    if features is not None and not np.isfinite(features).all():
+        raise DataError(f"{path}: pool_features hold NaN or infinite values; the reference batch is damaged: "
+                        f"make it again with `selfalign eval ref`")
     return ReferenceBatch(
-        pool=FeatureStatistics(data["mu"], data["sigma"]),
+        pool=_statistics(path, data, "mu", "sigma"),
         spatial=spatial,
-        pool_features=data["pool_features"] if "pool_features" in keys else None,
+        pool_features=features,
         images=data["arr_0"] if "arr_0" in keys and "pool_features" not in keys else None)
+
+
+def _statistics(path: Path, data, mean_key: str, cov_key: str) -> FeatureStatistics:
+    """A stored mean and covariance, refused unless they are a D vector and a finite D x D matrix
+    (NaN statistics would make every score NaN)."""
+    mu, sigma = np.asarray(data[mean_key]), np.asarray(data[cov_key])
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise DataError(f"{path}: {mean_key} {mu.shape} and {cov_key} {sigma.shape} are not a mean and its "
+                        f"covariance; make the reference batch again with `selfalign eval ref`")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise DataError(f"{path}: {mean_key}/{cov_key} hold NaN or infinite values; the reference batch is "
+                        f"damaged: make it again with `selfalign eval ref`")
+    return FeatureStatistics(mu, sigma)
 
 
 def is_reference_batch(path: str | Path) -> bool:

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..data.transforms import model_to_uint8
-from ..errors import DataError, UsageError
+from ..errors import ConfigError, DataError, UsageError
 from ..sampling import sample
 
 PLAN_FILE = "plan.json"
@@ -142,6 +142,11 @@ def make_draw(model, objective, sampler_config, device, decode: Callable | None 
         generator = [torch.Generator().manual_seed(seed) for seed in step_seeds]
         y = None if unconditional else torch.as_tensor(labels, dtype=torch.long, device=device)
         x = sample(model, objective, noise.to(device), y, sampler_config, generator=generator)
+        if not torch.isfinite(x).all():     # would be written as black (or clamped) images
+            c = sampler_config
+            raise ConfigError(f"sampling produced NaN or infinite values ({c.name}, {c.steps} steps, cfg_scale "
+                              f"{c.cfg_scale:g}): lower the guidance scale or change the sampler settings; this "
+                              f"shard was not written")
         if decode is not None:
             return np.asarray(decode(x))
         return to_uint8_images(x)

@@ -42,11 +42,20 @@ class ImageSource:
         return np.concatenate(list(self.batches(1000, limit)), axis=0)
 
 
+def _check_images(shape: tuple, name: str) -> None:
+    """Images the networks can read: gray or RGB, at least one pixel."""
+    if len(shape) == 4 and shape[3] not in (1, 3):
+        raise DataError(f"{name}: images have {shape[3]} channels; give gray (1) or RGB (3) images, N x H x W x C")
+    if min(shape[1:3]) < 1:
+        raise DataError(f"{name}: images of {shape[1]} x {shape[2]} pixels hold nothing to evaluate")
+
+
 class ArraySource(ImageSource):
     def __init__(self, images: np.ndarray, name: str = "array", labels: np.ndarray | None = None):
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim not in (3, 4):
             raise DataError(f"{name}: expected uint8 images N x H x W (x C), got {images.dtype} {images.shape}")
+        _check_images(images.shape, name)
         self.images = images if images.ndim == 4 else images[..., None]
         self.labels, self.name = labels, name
 
@@ -81,6 +90,7 @@ class NpzSource(ImageSource):
         if dtype != np.uint8 or fortran or len(shape) not in (3, 4):
             raise DataError(f"{self.path}: {self.key} must be uint8 N x H x W x C (C-order), got "
                             f"{dtype} {shape}")
+        _check_images(shape, f"{self.path}: {self.key}")
         return shape
 
     def __len__(self):

@@ -88,16 +88,39 @@ def indomain_metrics(images: torch.Tensor, labels: torch.Tensor | np.ndarray | N
     """FD, accuracy (when labels are given), precision and recall of model-space images in [-1, 1]."""
     if len(images) < 4:
         raise DataError(f"in-domain metrics need at least 4 images, got {len(images)}")
+    check_fashion_mnist_like(images)
     classifier = cached_classifier(device, classifier_path)
+    if labels is not None:
+        labels = np.asarray(labels)
+        classes = classifier.head.out_features
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) or not (
+                (labels >= 0) & (labels < classes)).all():
+            found = f" from {labels.min()} to {labels.max()}" if labels.size else ""
+            raise DataError(f"the sample labels (arr_1) must be class numbers 0..{classes - 1}, one per image; "
+                            f"got {len(labels)} of {labels.dtype}{found}")
     feats, logits = classifier_outputs(classifier, images)
     reference = reference_features(classifier_path, device)
     results = {"fd": frechet_distance(FeatureStatistics.of(feats), FeatureStatistics.of(reference))}
     if labels is not None:
-        labels = np.asarray(labels)
         results["accuracy"] = float((logits.argmax(1) == labels).mean())
     subset = np.random.default_rng(seed).permutation(len(reference))[:min(len(feats), len(reference))]
     results["precision"], results["recall"] = precision_recall(reference[subset], feats)
     return results
+
+
+def check_fashion_mnist_like(images: torch.Tensor) -> None:
+    """Refuse images the Fashion-MNIST classifier cannot judge: it sees gray squares of 28 pixels,
+    padded evenly as the training data is (``data.resolution``), so colour images, other sizes or
+    odd paddings would be scored as if they were clothes."""
+    _, channels, height, width = images.shape
+    size = f"{height}x{width}x{channels}"
+    if height != width or height < NATIVE_SIZE or (height - NATIVE_SIZE) % 2:
+        raise DataError(f"in-domain metrics judge Fashion-MNIST images ({NATIVE_SIZE}x{NATIVE_SIZE}, or padded "
+                        f"to an even size); these are {size}: use `selfalign eval fid` for other data")
+    if channels not in (1, 3) or (channels == 3 and not (
+            torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2]))):
+        raise DataError(f"in-domain metrics judge gray Fashion-MNIST images; these {size} images have colour: "
+                        f"use `selfalign eval fid` for other data")
 
 
 def uint8_to_model_nchw(images: np.ndarray) -> torch.Tensor:

@@ -14,7 +14,7 @@ from ..errors import DataError
 from .fid import FeatureStatistics, ReferenceBatch, frechet_distance, inception_score, is_reference_batch, load_reference_batch
 from .images import ArraySource, ImageSource, open_source
 from .inception import InceptionOutputs, InceptionV3
-from .precision_recall import precision_recall
+from .precision_recall import NEIGHBORHOOD, precision_recall
 
 PR_REFERENCE_COUNT = 10000   # ADM's reference batches keep 10K images for precision/recall
 
@@ -76,8 +76,12 @@ def evaluate_source(source: ImageSource, reference: ReferenceBatch, network: Inc
     else:
         log("Inception Score skipped: the network returns pool features only (no logits); "
             "pass --inception with a TorchScript network returning (features, logits) to get it")
-    if reference.pool_features is not None:
-        results["precision"], results["recall"] = precision_recall(reference.pool_features, acts.pool)
-    else:
+    kept = None if reference.pool_features is None else len(reference.pool_features)
+    if kept is None:
         log("precision/recall skipped: the reference batch holds neither images (arr_0) nor pool features")
+    elif kept <= NEIGHBORHOOD or len(acts.pool) <= NEIGHBORHOOD:
+        log(f"precision/recall skipped: they need more than {NEIGHBORHOOD} images on each side (the reference "
+            f"keeps {kept}, there are {len(acts.pool)} samples)")
+    else:
+        results["precision"], results["recall"] = precision_recall(reference.pool_features, acts.pool)
     return results

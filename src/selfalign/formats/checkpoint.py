@@ -425,9 +425,24 @@ def load_optimizer_state(ckpt: Path, mmap: bool = False) -> dict:
     path = ckpt / OPTIMIZER_FILE
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} was refused: it is not a plain tensor file ({first})") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, KeyError,
+            ValueError, IndexError) as err:
+        raise CheckpointError(f"{path} was refused: it is not a plain tensor file ({_refusal_reason(err)}); "
+                              f"it is damaged or was not written by selfalign") from None
+
+
+def _refusal_reason(err: Exception) -> str:
+    """What ``torch.load(weights_only=True, mmap=mmap)`` objected to, in its first sentence: never PyTorch's
+    advice to load the file with ``weights_only=False`` or to allow-list its globals, which would
+    run whatever code a crafted file holds."""
+    text = str(err).split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = re.split(r"\.\s", lines[0])[0].rstrip(".") if lines else ""
+    if not first or "weights_only" in first or "safe_globals" in first:
+        return type(err).__name__
+    if isinstance(err, (pickle.UnpicklingError, RuntimeError)):
+        return first
+    return f"{type(err).__name__}: {first}"
 
 
 def load_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str, source: Path,

@@ -38,7 +38,9 @@ class ObjectiveConfig:
 
     def validate(self) -> None:
         check_choices(self, "objective")
-        (self.flow_config() if self.kind == "flow" else self.ddpm_config()).validate()
+        # both halves, though a run uses one: a value out of range is refused wherever it is written
+        self.flow_config().validate()
+        self.ddpm_config().validate()
 
 
 def build_objective(config: ObjectiveConfig | FlowConfig | DDPMConfig | None = None) -> Objective:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..config.loader import check_choices
+from ..conventions import MAX_STEPS
 from ..errors import ConfigError
 from .base import Objective, expand_time, mean_flat
 
@@ -250,8 +251,8 @@ class DDPMConfig:
     fixed_variance: FixedVariance = "large"   # without learn_sigma: ADM's FIXED_LARGE or FIXED_SMALL
 
     def validate(self) -> None:
-        if self.num_timesteps < 2:
-            raise ValueError(f"objective.num_timesteps must be >= 2, got {self.num_timesteps}")
+        if not 2 <= self.num_timesteps <= MAX_STEPS:
+            raise ValueError(f"objective.num_timesteps must be in 2..{MAX_STEPS}, got {self.num_timesteps}")
         check_choices(self, "objective")
 
 

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..conventions import MAX_WIDTH
 from ..errors import ConfigError
 from ..models.backbone import BackboneConfig
 from .base import Regularizer, RegularizerConfig, StepContext, register
@@ -55,7 +56,7 @@ class REPAConfig(RegularizerConfig):
     def validate(self, depth: int) -> None:
         super().validate(depth)
         self.check_block("layer", depth)
-        self.check_at_least("projector_dim", 1)
+        self.check_between("projector_dim", 1, MAX_WIDTH)
 
 
 def build_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:

@@ -92,6 +92,7 @@ class SRAConfig(StudentTeacherConfig):
         self.check_between("k_max", 0.0, 1.0)
         self.check_between("teacher_fraction", 0.0, 1.0, open_low=True)
         self.check_at_least("decay_period", 0.0, strict=True)
+        self.check_at_least("decay_start_epoch", 0)
 
 
 def projection_head(dim: int, init: HeadInit = "xavier") -> nn.Sequential:

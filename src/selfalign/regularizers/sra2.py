@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..conventions import MAX_WIDTH
 from ..models.backbone import BackboneConfig
 from .base import Regularizer, RegularizerConfig, StepContext, register
 from .distances import Distance, get_distance
@@ -36,7 +37,7 @@ class SRA2Config(RegularizerConfig):
     def validate(self, depth: int) -> None:
         super().validate(depth)
         self.check_block("layer", depth)
-        self.check_at_least("hidden_dim", 0)
+        self.check_between("hidden_dim", 0, MAX_WIDTH)
 
 
 @register("sra2", SRA2Config)

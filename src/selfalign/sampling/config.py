@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from ..config.loader import check_choices
+from ..conventions import MAX_CHANNELS, MAX_STEPS
 from ..errors import ConfigError
 
 FlowSampler = Literal["euler", "heun", "euler_maruyama"]
@@ -45,8 +46,8 @@ class SamplerConfig:
 
     def validate(self) -> None:
         check_choices(self, "sampler")
-        if self.steps < 1:
-            raise ValueError(f"sampler.steps must be >= 1, got {self.steps}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"sampler.steps must be in 1..{MAX_STEPS}, got {self.steps}")
         if self.cfg_scale < 0:
             raise ValueError(f"sampler.cfg_scale must be >= 0, got {self.cfg_scale}")
         for key in ("guidance_low", "guidance_high"):
@@ -57,10 +58,11 @@ class SamplerConfig:
                              f"{self.guidance_high}: the guidance interval is reversed")
         if not 0.0 < self.last_step < 1.0:
             raise ValueError(f"sampler.last_step must be in (0, 1), got {self.last_step}")
-        if self.eta < 0:
-            raise ValueError(f"sampler.eta must be >= 0, got {self.eta}")
-        if self.legacy_cfg_channels is not None and self.legacy_cfg_channels < 1:
-            raise ValueError(f"sampler.legacy_cfg_channels must be >= 1 or null, got {self.legacy_cfg_channels}")
+        if not 0.0 <= self.eta <= 1.0:     # above 1 the DDIM step takes the root of a negative number
+            raise ValueError(f"sampler.eta must be in [0, 1] (0: deterministic, 1: ancestral-like), got {self.eta}")
+        if self.legacy_cfg_channels is not None and not 1 <= self.legacy_cfg_channels <= MAX_CHANNELS:
+            raise ValueError(f"sampler.legacy_cfg_channels must be in 1..{MAX_CHANNELS} or null, "
+                             f"got {self.legacy_cfg_channels}")
 
     def check_objective(self, kind: str) -> None:
         """One line if this sampler cannot sample an objective of ``kind``."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..formats import faults
 from .outcome import TrainingStopped
 
@@ -29,8 +29,13 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         path = path / METRICS_FILE
     if not path.is_file():
         return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not a metrics log (byte {err.start} is not UTF-8 text): move it aside "
+                        f"and run again; the checkpoints do not depend on it") from None
     records = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except ValueError:

@@ -17,7 +17,7 @@ GRID_STREAM = 0x5A3D   # separates the grid's noise from the training generators
 def grid_inputs(count: int, channels: int, size: int, num_classes: int, seed: int,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The same noise and labels every time: label ``i % num_classes`` (rows of classes)."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + GRID_STREAM)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + GRID_STREAM) % 2 ** 63)   # any seed fits
     noise = torch.randn(count, channels, size, size, generator=gen)
     if num_classes <= 16:
         labels = torch.arange(count) % num_classes

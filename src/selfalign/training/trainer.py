@@ -117,8 +117,9 @@ class Trainer:
             raise ConfigError(f"model.in_channels={m.in_channels} but the data has {self.dataset.channels} channels")
         if self.dataset.num_classes > m.num_classes:
             raise ConfigError(f"the data has {self.dataset.num_classes} classes but model.num_classes={m.num_classes}")
-        if len(self.dataset) < self.per_rank:
-            self.log(f"note: the dataset ({len(self.dataset)} examples) is smaller than one batch")
+        if len(self.dataset) < self.global_batch:
+            raise ConfigError(f"train.batch_size={self.global_batch} is larger than the dataset ({len(self.dataset)} "
+                              f"examples): a step would repeat images; use at most {len(self.dataset)}")
 
     def _find_resume(self, resume: str | None) -> Path | None:
         # Refuses any start that would replace checkpoints or a metrics history of the run dir.
@@ -170,7 +171,8 @@ class Trainer:
         else:   # the data order is still exact; only the per-rank noise stream restarts
             self.log(f"note: {path.name} was written by {state.get('world_size')} processes, this run has "
                      f"{self.info.world_size}; the per-process random streams restart from the seed")
-            self.generator.manual_seed(self.config.train.seed * 1_000_003 + self.step * 31 + self.info.rank)
+            self.generator.manual_seed((self.config.train.seed * 1_000_003 + self.step * 31 + self.info.rank)
+                                       % 2 ** 63)     # within what a generator takes, for any seed
         self.last_checkpoint = path
         self.log(f"resumed from {path} (step {self.step}, {self.step * self.global_batch / 1000:.3f} kimg)")
 
