@@ -449,7 +449,7 @@ def test_a_fallback_to_an_older_checkpoint_is_said_on_stderr(run_copy, tmp_path,
 def test_prepare_on_cuda_without_cuda_is_one_line(base, tmp_path, capsys):
     code = main(["prepare", str(base / "fmnist"), str(tmp_path / "latents"), "--device", "cuda"])
     err = one_line_error(capsys, code)
-    assert "--device cuda asks for a GPU but torch sees no CUDA device" in err and "--device cpu" in err, err
+    assert "--device" in err and "no CUDA device" in err and "use cpu" in err, err
     assert not (tmp_path / "latents").exists()
 
 

@@ -340,6 +340,15 @@ def _first_difference(old: Any, new: Any, key: str) -> str | None:
     return None
 
 
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out if tree else {prefix[:-1]: {}}
+    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
 def _defaults(current: ExperimentConfig) -> dict[str, Any]:
     """Every key of ``current`` at its schema default (regularizers: for the model preset)."""
     tree = to_dict(ExperimentConfig())
@@ -356,15 +365,18 @@ def resume_mismatch(saved: dict, current: ExperimentConfig) -> str | None:
     old = json.loads(json.dumps(saved, default=list))
     new = json.loads(json.dumps(current.to_dict(), default=list))
     defaults = _defaults(current)
+    saved_keys = _flatten(old)
     for key, value in _flatten(new).items():
-        if key in defaults and value == defaults[key] and key not in _flatten(old):
-            _set_path(old, key.split("."), value)
+        if value != {} and key not in saved_keys and key in defaults and value == defaults[key]:
+            _add_leaf(old, key.split("."), value)
     return _first_difference(old, new, "")
 
 
-def _set_path(tree: dict, path: list[str], value: Any) -> None:
+def _add_leaf(tree: dict, path: list[str], value: Any) -> None:
+    """Set ``tree[a][b]... = value`` where the section ``tree[a]...`` exists and lacks the key (a
+    whole section the checkpoint lacks, e.g. another regularizer, stays a difference)."""
     for part in path[:-1]:
-        if not isinstance(tree.get(part), dict):
-            tree[part] = {}
-        tree = tree[part]
-    tree[path[-1]] = value
+        tree = tree.get(part)
+        if not isinstance(tree, dict):
+            return
+    tree.setdefault(path[-1], value)
