@@ -199,7 +199,8 @@ def test_a_malicious_pickle_is_refused_and_never_run(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["convert", "import", "{tmp}/any.pt", "{tmp}/run", "--from", "sra", "--processes", "0"], "--processes must be >= 1"),
+    (["convert", "import", "--processes", "0", "{tmp}/any.pt", "{tmp}/run", "--from", "sra"],
+     "argument --processes: must be a whole number >= 1"),
     (["convert", "export", "{tmp}/run", "{tmp}/out.txt", "--to", "sra"], "use a .pt or .safetensors file name"),
     (["convert", "export", "{tmp}/no-run", "{tmp}/out.pt", "--to", "sra"], "does not exist"),
 ])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..conventions import MAX_CLASSES, MAX_GRID
-from .argtypes import existing_file, existing_path, int_range, positive_int
+from .argtypes import existing_file, int_range, positive_int
 
 LAYOUT_HELP = ("sra: official SRA release, SiT-SRA or DiT-SRA (told apart by the tensors), with ap_head, "
                "opt, args and epoch; repa: REPA SiT (+ projectors); sit: original SiT (t = 1 is data, learned "
@@ -36,8 +36,7 @@ def add_parser(sub) -> None:
     imp.add_argument("--processes", type=positive_int, default=None, metavar="N", help=PROCESSES_HELP)
     imp.set_defaults(func=run_import)
     exp = actions.add_parser("export", help="selfalign run/checkpoint directory -> released layout")
-    exp.add_argument("checkpoint", type=existing_path,
-                     help="run directory (newest checkpoint) or checkpoint directory")
+    exp.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint directory")
     exp.add_argument("out_file", help="output .pt (sra: the released training checkpoint; others: "
                                       "{'model', 'ema'}) or .safetensors (EMA only)")
     exp.add_argument("--to", dest="layout", required=True, choices=("sra", "repa", "sit", "dit"),
@@ -48,20 +47,12 @@ def add_parser(sub) -> None:
     exp.set_defaults(func=run_export)
 
 
-def _processes(value):
-    from ..errors import UsageError
-
-    if value is not None and value < 1:
-        raise UsageError(f"--processes must be >= 1, got {value}")
-    return value
-
-
 def run_import(args) -> int:
     from ..pipeline.convert import import_checkpoint
     from ..pipeline.convert_args import DEFAULT_PROCESSES
 
     path, converted = import_checkpoint(args.source, args.layout, args.run_dir, data_path=args.data_path,
-                                        processes=_processes(args.processes) or DEFAULT_PROCESSES,
+                                        processes=args.processes or DEFAULT_PROCESSES,
                                         preset=args.preset, input_size=args.input_size,
                                         num_classes=args.num_classes, keep_heads=args.keep_heads)
     cfg = converted.backbone
@@ -76,7 +67,7 @@ def run_export(args) -> int:
     from ..pipeline.convert import export_checkpoint
 
     path, notes = export_checkpoint(args.checkpoint, args.layout, args.out_file, force=args.force,
-                                    processes=_processes(args.processes))
+                                    processes=args.processes)
     print(f"exported {args.checkpoint} in the {args.layout} layout -> {path}")
     for note in notes:
         print(f"  {note}")
