@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from ..data import describe_data as describe_data_facts
 from .loader import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from ..objectives import ObjectiveConfig
 from ..sampling.config import SamplerConfig
@@ -27,6 +28,7 @@ PRESET_DIR = Path(__file__).parent.parent / "configs"
 DATA_KINDS = ("fashion_mnist", "imagefolder", "latents")
 PRECISIONS = ("fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("skip", "stop")
+EVAL_METRICS = ("auto", "classifier", "inception", "none")   # see selfalign.evaluation.training_eval
 VAE_DOWNSAMPLE = 8          # SD-VAE: 256 px -> 32x32 latents
 LATENT_CHANNELS = 4
 DATA_DEFAULTS = {           # kind: (in_channels, num_classes) unless the config says otherwise
@@ -36,8 +38,8 @@ DATA_DEFAULTS = {           # kind: (in_channels, num_classes) unless the config
 RESUMABLE_CHANGES = (
     "name", "logging.", "data.path", "data.num_workers", "train.total_kimg", "train.log_every_kimg",
     "train.ckpt_every_kimg", "train.keep_last", "train.sample_every_kimg", "train.sample_count",
-    "train.eval_every_kimg", "train.eval_samples", "train.nonfinite", "train.max_consecutive_bad",
-    "train.device", "train.compile", "sampler.",
+    "train.eval_every_kimg", "train.eval_samples", "train.eval_metrics", "train.nonfinite",
+    "train.max_consecutive_bad", "train.device", "train.compile", "sampler.",
 )
 
 
@@ -107,6 +109,7 @@ class TrainConfig:
     sample_count: int = 64
     eval_every_kimg: float = 0.0        # evaluation.training_eval; 0 = never
     eval_samples: int = 1000
+    eval_metrics: str = "auto"          # auto | classifier | inception | none (auto: classifier on Fashion-MNIST)
     seed: int = 0
     nonfinite: str = "skip"             # skip | stop
     max_consecutive_bad: int = 10       # skip policy: stop after this many bad steps in a row
@@ -131,6 +134,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{key} must be in [0, 1], got {getattr(self, key)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision={self.precision!r} is not one of {PRECISIONS}")
+        if self.eval_metrics not in EVAL_METRICS:
+            raise ConfigError(f"train.eval_metrics={self.eval_metrics!r} is not one of {EVAL_METRICS}")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"train.nonfinite={self.nonfinite!r} is not one of {NONFINITE_POLICIES}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -258,13 +263,18 @@ def _load_regularizers(raw: Any, preset: str) -> dict[str, Any]:
     return configs
 
 
-def _fill_derived(config: ExperimentConfig) -> None:
+def _fill_derived(config: ExperimentConfig, facts=None) -> None:
+    """Fill what follows from the rest; ``facts`` (:func:`selfalign.data.describe_data`) are what
+    the data says, and an explicit value that contradicts them is refused."""
     m, d = config.model, config.data
-    channels, classes = DATA_DEFAULTS[d.kind]
-    if m.in_channels is None:
-        m.in_channels = channels
-    if m.num_classes is None:
-        m.num_classes = classes
+    channels, classes = (facts.channels, facts.num_classes) if facts else DATA_DEFAULTS[d.kind]
+    for key, value, what in (("in_channels", channels, "channels"), ("num_classes", classes, "classes")):
+        current = getattr(m, key)
+        if facts is not None and current is not None and current != value:
+            raise ConfigError(f"model.{key}={current} but {facts.where} has {value} {what}; leave "
+                              f"model.{key} unset: the data decides")
+        if current is None:
+            setattr(m, key, value)
     if m.input_size is None:
         factor = VAE_DOWNSAMPLE if d.kind == "latents" else 1
         m.input_size = max(1, d.resolution // factor)
@@ -273,13 +283,14 @@ def _fill_derived(config: ExperimentConfig) -> None:
         m.learn_sigma = o.kind == "ddpm" and o.learn_sigma
 
 
-def experiment_from_dict(data: dict, world_size: int = 1) -> ExperimentConfig:
-    """Type, complete and validate a config mapping."""
+def experiment_from_dict(data: dict, world_size: int = 1, describe_data: bool = False) -> ExperimentConfig:
+    """Type, complete and validate a config mapping; ``describe_data`` asks the data (an image
+    folder, prepared latents) for the classes and channels instead of assuming them."""
     data = dict(data or {})
     raw_regularizers = data.pop("regularizers", {})
     config = from_dict(ExperimentConfig, data)
     config.regularizers = _load_regularizers(raw_regularizers, config.model.preset)
-    _fill_derived(config)
+    _fill_derived(config, describe_data_facts(config.data) if describe_data else None)
     config.check(world_size)
     return config
 
@@ -307,7 +318,7 @@ def load_config(source: str | Path | dict, overrides: list[str] | tuple = (),
     """Load a YAML file, preset name or mapping, apply ``key=value`` overrides, type and validate."""
     data = dict(source) if isinstance(source, dict) else load_yaml(resolve_config_path(source))
     data = apply_overrides(json.loads(json.dumps(data, default=list)), list(overrides))
-    return experiment_from_dict(data, world_size)
+    return experiment_from_dict(data, world_size, describe_data=True)
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
@@ -324,12 +335,17 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
 
 
+def may_change_on_resume(key: str) -> bool:
+    """Whether the dotted ``key`` may differ between a checkpoint and the run resuming it."""
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES)
+
+
 def resume_mismatch(saved: dict, current: ExperimentConfig) -> str | None:
     """The first setting that makes ``current`` a different run from the checkpoint's ``saved``."""
     old = _flatten(json.loads(json.dumps(saved, default=list)))
     new = _flatten(json.loads(json.dumps(current.to_dict(), default=list)))
     for key in sorted(set(old) | set(new)):
-        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES):
+        if may_change_on_resume(key):
             continue
         if old.get(key, "<unset>") != new.get(key, "<unset>"):
             return f"{key} is {old.get(key, '<unset>')!r} in the checkpoint but {new.get(key, '<unset>')!r} now"
