@@ -6,6 +6,8 @@ import time
 
 import torch
 
+from ..errors import SelfalignError
+from ..evaluation.training_eval import evaluate, plan_line
 from . import distributed as dist_util
 
 
@@ -28,19 +30,15 @@ class _Window:
 
 
 def _evaluate(trainer):
-    """In-domain metrics of the EMA model, when the evaluation module provides them."""
-    try:
-        from ..evaluation.training_eval import evaluate
-    except ImportError:
-        return None
+    """The EMA model's metrics (:mod:`selfalign.evaluation.training_eval`); None once they fail."""
     if getattr(trainer, "_eval_disabled", False):
         return None
     cfg = trainer.config
     gen = torch.Generator(device=trainer.info.device).manual_seed(cfg.train.seed + 0xE7A1)
     try:
         return evaluate(trainer.ema.model, trainer.objective, cfg, cfg.train.eval_samples, gen,
-                        trainer.info.device)
-    except (ValueError, FileNotFoundError) as err:   # e.g. missing classifier weights: keep training
+                        trainer.info.device, decode=getattr(trainer.dataset, "decode", None), log=trainer.log)
+    except (SelfalignError, ValueError, FileNotFoundError) as err:   # e.g. missing weights: keep training
         trainer._eval_disabled = True
         trainer.log(f"warning: evaluation disabled for this run: {err}")
         return None
@@ -65,6 +63,8 @@ def run_loop(trainer):
                 f"global batch {b} = {info.world_size} process(es) x {trainer.per_rank} "
                 f"(micro-batch {trainer.micro}), steps {trainer.step} -> {trainer.total_steps}, "
                 f"device {info.device}, run dir {trainer.run_dir}")
+    if plan_line(cfg):
+        trainer.log(plan_line(cfg))
     window = _Window(start_images)
     batches = trainer.batches()
     try:
@@ -95,7 +95,7 @@ def run_loop(trainer):
                 trainer.write_samples(metrics)
             if crossed(before, after, t.eval_every_kimg) or (last and t.eval_every_kimg > 0):
                 results = _evaluate(trainer) if info.is_main else None
-                if results is not None and metrics is not None:
+                if results and metrics is not None:         # {}: train.eval_metrics=none
                     metrics.write({"kind": "eval", "step": trainer.step, "kimg": after / 1000, **results})
                 dist_util.barrier(info)
             if crossed(before, after, t.ckpt_every_kimg) or last or trainer._stop_requested:
