@@ -21,6 +21,8 @@ from PIL import Image, ImageDraw
 
 from selfalign.cli import main
 
+pytestmark = pytest.mark.usefixtures("single_thread")    # tiny models: a second thread only waits
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "imagefolder.yaml"
 SIZE = 16
 COLOURS = [(230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 200, 30)]

@@ -2,12 +2,16 @@
 
 Modules (imported on demand; this package imports nothing heavy):
 
-* :mod:`.inception` -- the TF-FID Inception-v3 and its exact preprocessing;
+* :mod:`.inception`, :mod:`.inception_layers` -- the TF-FID Inception-v3, its exact preprocessing,
+  and its weights rebuilt with folded batch norm for a fast channels-last forward;
 * :mod:`.fid` -- Frechet distance, Inception Score, ADM reference batches;
 * :mod:`.precision_recall` -- ADM's k-NN manifold precision/recall;
 * :mod:`.images` -- image sources (.npz, folders, Fashion-MNIST);
 * :mod:`.metrics` -- the whole ADM suite on an image source;
 * :mod:`.generate` -- index-split, resumable sampling to .npz;
-* :mod:`.classifier`, :mod:`.indomain`, :mod:`.training_eval` -- Fashion-MNIST in-domain metrics;
+* :mod:`.reference` -- reference statistics of a training image folder, cached beside it;
+* :mod:`.indomain` -- Fashion-MNIST classifier metrics; :mod:`.training_eval` -- the metrics of
+  a model during training, for any dataset;
+* :mod:`.heldout`, :mod:`.report` -- denoising loss on fixed images, the comparison report of runs;
 * :mod:`.features`, :mod:`.probe`, :mod:`.pca`, :mod:`.analysis` -- probing, CKNNA, PCA maps.
 """
