@@ -24,15 +24,6 @@ SPEC_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756
                     "H100 NVL": 835.0, "H200": 989.4, "A100": 312.0}
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"device {name!r} asked for but torch.cuda.is_available() is False "
-                         "(use --device cpu or a CPU preset)")
-    return torch.device(name)
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -132,13 +123,3 @@ def write_json(data: dict, out: str | None, default_name: str) -> Path:
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     tmp.replace(path)
     return path
-
-
-def print_table(rows: list[list], header: list[str]) -> None:
-    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for j, row in enumerate(cells):
-        print("  ".join(c.ljust(w) if i in (0, len(row) - 1) else c.rjust(w)
-                        for i, (c, w) in enumerate(zip(row, widths))).rstrip())
-        if j == 0:
-            print("  ".join("-" * w for w in widths))

@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, pick_device, print_table, write_json  # noqa: E402
+from common import environment, write_json  # noqa: E402
+from report import print_table  # noqa: E402
 
 from selfalign.data import build_dataset  # noqa: E402
+from selfalign.devices import pick_device  # noqa: E402
 from selfalign.models.fp8 import float8_view, fp8_unavailable_reason  # noqa: E402
 from selfalign.regularizers.sra import SRAConfig  # noqa: E402
 from selfalign.runs import load_for_inference  # noqa: E402

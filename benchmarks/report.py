@@ -1,4 +1,5 @@
-"""Print the short table of a folder of benchmark JSON files (the last thing gpu/run.sh shows).
+"""Print the short table of a folder of benchmark JSON files (the last thing gpu/run.sh shows), and
+the plain-text tables every benchmark prints. Imports no torch: reading results stays instant.
 
     python benchmarks/report.py benchmarks/results/            # or any files / folders
 """
@@ -8,8 +9,15 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table  # noqa: E402
+
+def print_table(rows: list[list], header: list[str]) -> None:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for j, row in enumerate(cells):
+        print("  ".join(c.ljust(w) if i in (0, len(row) - 1) else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
 
 
 def _f(x, spec):

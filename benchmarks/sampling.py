@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, pick_device, print_table, summary, timed, write_json  # noqa: E402
+from common import environment, summary, timed, write_json  # noqa: E402
+from report import print_table  # noqa: E402
 
+from selfalign.devices import pick_device  # noqa: E402
 from selfalign.models.flops import forward_flops  # noqa: E402
 from selfalign.models import build_model  # noqa: E402
 from selfalign.objectives import FlowObjective  # noqa: E402
@@ -50,7 +52,7 @@ PRESETS = {
     "gpu-xl2": Preset("SiT-XL/2", 32, 4, 1000, 64, "bf16", "cuda", 1, 1.0),
     "dry": Preset("SiT-T/2", 8, 4, 10, 4, "fp32", "cpu", 1, 0.1),
 }
-CFG_SCALE, GUIDANCE_HIGH = 1.8, 0.7      # SPEC: ImageNet 256, CFG 1.8 for t <= 0.7
+CFG_SCALE, GUIDANCE_HIGH = 1.8, 0.7      # the SRA paper's ImageNet 256 setting: CFG 1.8 for t <= 0.7
 
 
 def rows(scale: float) -> dict[str, SamplerConfig]:

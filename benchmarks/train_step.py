@@ -2,8 +2,9 @@
 
 Everything is measured in ONE process on one model with interleaved repeats (round r runs every
 variant for a few steps, the next round in reverse order), so machine drift hits all rows alike.
-A step is what the trainer does: forward with the generative loss and every regularizer,
-backward, gradient clipping at 1.0, AdamW, EMA update.
+A step is the trainer's own code: ``accumulate_gradients`` over ``TrainingStep`` (the generative
+loss and every regularizer, backward) and ``OptimizerUpdate`` (clipping at 1.0, the finiteness
+check, AdamW, EMA update).
 
 Rows: ``vanilla``; ``sra`` (selfalign: teacher truncated at block n, same autocast as the student,
 foreach EMA, fused AdamW); ``sra_released`` (the released SiT-SRA code's recipe, by flags: the
@@ -28,11 +29,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, matmul_tflops, pick_device, print_table, summary, timed, write_json  # noqa: E402
+from common import environment, matmul_tflops, summary, timed, write_json  # noqa: E402
+from report import print_table  # noqa: E402
 from train_step_report import analyse, table_rows  # noqa: E402
-from train_step_rows import (BASE_ROWS, BATCH_CANDIDATES, NOT_DONE, OPT_IN, PRESETS, ROWS,  # noqa: E402
+from train_step_rows import (BATCH_CANDIDATES, NOT_DONE, OPT_IN, PRESETS, ROWS,  # noqa: E402
                              SRA_RELEASED, SRA_SELFALIGN, TOGGLES, VANILLA, Preset, Variant, select_variants)
 
+from selfalign.devices import pick_device  # noqa: E402
 from selfalign.ema import EMA  # noqa: E402
 from selfalign.models.flops import training_step_flops  # noqa: E402
 from selfalign.models.presets import backbone_config  # noqa: E402
@@ -40,7 +43,10 @@ from selfalign.models.backbone import DiffusionTransformer  # noqa: E402
 from selfalign.models.fp8 import float8_view, fp8_unavailable_reason  # noqa: E402
 from selfalign.objectives import FlowObjective  # noqa: E402
 from selfalign.regularizers.sra import SRA, SRAConfig, projection_head  # noqa: E402
-from selfalign.training.step import TrainingStep  # noqa: E402
+from selfalign.training.step import TrainingStep, accumulate_gradients  # noqa: E402
+from selfalign.training.update import OptimizerUpdate, adamw, adamw_kernel  # noqa: E402
+
+LR, GRAD_CLIP = 1e-4, 1.0
 
 
 def sdpa_context(backend: str | None):
@@ -54,7 +60,7 @@ def sdpa_context(backend: str | None):
 
 class Bench:
     """One model, its EMA teacher and one SRA head shared by every row (their values don't
-    change the timing), with optimizers and training steps built per row on first use."""
+    change the timing), with optimizer updates and training steps built per row on first use."""
 
     def __init__(self, preset: Preset, device: torch.device):
         torch.manual_seed(0)
@@ -72,34 +78,41 @@ class Bench:
         else:
             self.autocast = contextlib.nullcontext
         self.generator = torch.Generator(device).manual_seed(0)
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.updates: dict[str, OptimizerUpdate] = {}
         self.steps: dict[tuple, TrainingStep] = {}
         self.compiled_students: dict[str, torch.nn.Module] = {}
         self.compiled_teachers: dict[str, torch.nn.Module] = {}
         self.fp8_teacher: torch.nn.Module | None = None
         self.batch = 0
+        self.accumulated: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def set_batch(self, batch: int) -> None:
         self.batch = batch
         shape = (batch, self.config.in_channels, self.config.input_size, self.config.input_size)
         self.x0 = torch.randn(shape, device=self.device)
         self.y = torch.randint(0, self.config.num_classes, (batch,), device=self.device)
+        self.accumulated = {1: (self.x0, self.y)}
         t = torch.rand(batch, device=self.device)   # teacher-only inputs, as SRA builds them
         t_teacher = self.objective.earlier_time(t, self.sra_config.k_max)
         self.x_teacher = self.objective.interpolate(self.x0, torch.randn_like(self.x0), t_teacher)
         self.t_teacher = self.objective.model_time(t_teacher)
 
     def adam_kind(self, kind: str) -> str:
-        if kind == "trainer":    # selfalign.training.trainer: fused on CUDA, foreach elsewhere
-            return "fused" if self.device.type == "cuda" else "foreach"
-        return kind
+        return adamw_kernel(self.device) if kind == "trainer" else kind
 
-    def optimizer(self, kind: str) -> torch.optim.Optimizer:
+    def update(self, kind: str) -> OptimizerUpdate:
+        """The trainer's optimizer update with AdamW kernel ``kind``, one per kernel."""
         kind = self.adam_kind(kind)
-        if kind not in self.optimizers:
-            flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "default": {}}[kind]
-            self.optimizers[kind] = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0, **flags)
-        return self.optimizers[kind]
+        if kind not in self.updates:
+            optimizer = adamw(self.params, self.device, lr=LR, kernel=kind)
+            self.updates[kind] = OptimizerUpdate(optimizer, self.ema, self.model, grad_clip=GRAD_CLIP)
+        return self.updates[kind]
+
+    def inputs(self, micro_batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch repeated ``micro_batches`` times: one optimizer step over that many micro-batches."""
+        if micro_batches not in self.accumulated:
+            self.accumulated[micro_batches] = (self.x0.repeat(micro_batches, 1, 1, 1), self.y.repeat(micro_batches))
+        return self.accumulated[micro_batches]
 
     def teacher(self, precision: str) -> torch.nn.Module:
         """The EMA backbone, or (fp8 rows) its fp8 view over the same tensors, built once."""
@@ -132,7 +145,7 @@ class Bench:
                 config = dataclasses.replace(self.sra_config, teacher_truncate=v.truncate,
                                              teacher_precision=v.teacher_precision,
                                              teacher_fraction=v.teacher_fraction)
-                sra = SRA(config, self.config.hidden_size, self.config.depth)
+                sra = SRA(config, self.config)
                 sra.head = self.head        # one head for every row
                 regularizers["sra"] = sra
             student, _ = self.networks(v)
@@ -142,9 +155,9 @@ class Bench:
     def run(self, v: Variant) -> None:
         """One step of row ``v`` (a whole training step, or the teacher-only forward).
 
-        As ``Trainer.train_step``: forward and backward, global-norm clipping (foreach), one
-        host sync on the finiteness of loss and norm (the released code syncs as often: it logs
-        ``loss.item()`` every step), AdamW, EMA.
+        The functions ``Trainer.train_step`` runs: forward and backward over the micro-batches,
+        then the optimizer update (global-norm clipping, one host sync on the finiteness of loss
+        and norm, AdamW, EMA). The released code syncs as often: it logs ``loss.item()`` every step.
         """
         _, teacher = self.networks(v)
         if v.kind == "teacher_only":
@@ -152,23 +165,19 @@ class Bench:
                 teacher(self.x_teacher, self.t_teacher, self.y, taps=[self.sra_config.teacher_layer],
                         features_only=True)
             return
-        step, optimizer = self.training_step(v), self.optimizer(v.adam)
+        step, update = self.training_step(v), self.update(v.adam)
+        x0, y = self.inputs(v.micro_batches)
         self.model.config.grad_checkpointing = v.grad_checkpointing
         self.ema.foreach = v.ema_foreach
         try:
             with sdpa_context(v.sdpa):
-                for _ in range(v.micro_batches):
-                    total, _ = step(self.x0, self.y, teacher=teacher if v.kind == "sra" else None,
-                                    generator=self.generator, autocast=self.autocast)
-                    (total / v.micro_batches).backward()
-            norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
-            if not torch.stack([torch.isfinite(total), torch.isfinite(norm)]).all().item():
+                terms = accumulate_gradients(step, x0, y, self.batch, update.backward,
+                                             teacher=teacher if v.kind == "sra" else None,
+                                             generator=self.generator, autocast=self.autocast)
+            if not update(terms["loss"]).applied:
                 raise FloatingPointError("non-finite loss or gradient norm")
-            optimizer.step()
         finally:
-            optimizer.zero_grad(set_to_none=True)
             self.model.config.grad_checkpointing = False
-        self.ema.update(self.model)
 
     def same_as_base(self, v: Variant) -> bool:
         """A toggle that changes nothing here (fused AdamW is already the trainer's on CUDA)."""
@@ -191,8 +200,8 @@ class Bench:
                                                              teacher_fraction=v.teacher_fraction)["total"]
 
     def cleanup(self) -> None:
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
+        for update in self.updates.values():
+            update.optimizer.zero_grad(set_to_none=True)
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -339,7 +348,7 @@ def main(argv=None) -> int:
                      "hidden_size": bench.config.hidden_size, "depth": bench.config.depth,
                      "sra_layers": [bench.sra_config.student_layer, bench.sra_config.teacher_layer],
                      "parameters_m": sum(p.numel() for p in bench.model.parameters()) / 1e6,
-                     "tf32_for_fp32_matmuls": True, "lr": 1e-4, "grad_clip": 1.0,
+                     "tf32_for_fp32_matmuls": True, "lr": LR, "grad_clip": GRAD_CLIP,
                      "command": " ".join(sys.argv)},
         "matmul_rate": rate,
         "rows": {},

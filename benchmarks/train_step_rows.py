@@ -21,7 +21,7 @@ class Preset:
 
 
 PRESETS = {
-    # the CPU model: 256 wide, 8 deep, SRA 2 -> 6, batch 64, 256 tokens (~10 M parameters)
+    # a mid-sized CPU model: 256 wide, 8 deep, SRA 2 -> 6, batch 64, 256 tokens (~10 M parameters)
     "cpu-mini": Preset("SiT-M/2", 32, 4, 10, 64, "fp32", "cpu", 1, 3, 1, "none"),
     # a smaller one that runs the toggles in a few minutes: 128 wide, 6 deep, 2 -> 4, 64 tokens
     "cpu-tiny": Preset("SiT-T/2", 16, 4, 10, 64, "fp32", "cpu", 2, 5, 2, "all"),

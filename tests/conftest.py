@@ -1,6 +1,7 @@
 """Shared pytest set-up. Several engineers append here: add, don't replace."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -39,18 +40,28 @@ def tiny_model():
     return make
 
 
-@pytest.fixture
-def single_thread():
-    """Run a test on one intra-op thread, then restore the setting.
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one intra-op thread inside the block, the previous setting restored after it.
 
     Tiny models gain nothing from a second thread, and on a shared, loaded machine OpenMP's
-    waiting threads make them many times slower. Opt in per module with
-    ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    waiting threads make them many times slower. Module-scoped fixtures (which run before any
+    function fixture) use this directly.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def single_thread():
+    """A test on one intra-op thread (see :func:`one_thread`). Opt in per module with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    with one_thread():
+        yield
 
 
 def load_kill_harness():

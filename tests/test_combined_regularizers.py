@@ -13,8 +13,11 @@ from selfalign.ema import EMA
 from selfalign.models.classifier import FashionClassifier
 from selfalign.models.backbone import DiffusionTransformer
 from selfalign.objectives import FlowObjective
-from selfalign.regularizers import (SRA, Dispersive, DispersiveConfig, REPA, SRA2, SRA2Config, SRAConfig,
-                                    build_regularizer)
+from selfalign.regularizers import build_regularizer
+from selfalign.regularizers.dispersive import Dispersive, DispersiveConfig
+from selfalign.regularizers.repa import REPA
+from selfalign.regularizers.sra import SRA, SRAConfig
+from selfalign.regularizers.sra2 import SRA2, SRA2Config
 from selfalign.training.step import TrainingStep
 from selfalign.training.trainer import train
 
@@ -25,21 +28,16 @@ IMAGENET_PRESETS = sorted(p.stem for p in PRESET_DIR.glob("sit-*-256-*.yaml")
                           if p.stem.rsplit("-", 1)[1] in METHODS)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a busy 2-core machine: one intra-op thread avoids spinning threads
-    (a preset's two trainer steps take seconds instead of tens of seconds here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models on a busy 2-core machine: one intra-op thread avoids spinning threads (a preset's
+# two trainer steps take seconds instead of tens of seconds here).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_sra_plus_dispersive_plus_sra2_each_weighted_and_logged(tiny_model):
     model = tiny_model(in_channels=1)
-    regs = {"sra": SRA(SRAConfig(student_layer=2, teacher_layer=4), 128, 6),
-            "dispersive": Dispersive(DispersiveConfig(layer=3), 6),
-            "sra2": SRA2(SRA2Config(layer=2), model)}
+    regs = {"sra": SRA(SRAConfig(student_layer=2, teacher_layer=4), model.config),
+            "dispersive": Dispersive(DispersiveConfig(layer=3), model.config),
+            "sra2": SRA2(SRA2Config(layer=2), model.config)}
     step = TrainingStep(model, FlowObjective(), regs)
     assert step.student_layers() == [2, 3]                       # one forward taps the union
     total, terms = step(torch.randn(4, 1, 8, 8), torch.arange(4), teacher=EMA(model).model,
@@ -63,10 +61,10 @@ def test_imagenet_presets_build(name):
             if reg_name == "repa":     # DINOv2 needs a download; check the projector's shape
                 encoder = torch.nn.Identity()
                 encoder.embed_dim = 768
-                reg = REPA(reg_config, model, encoder=encoder)
+                reg = REPA(reg_config, model.config, encoder=encoder)
                 assert reg.projector[-1].out_features == 768 and reg_config.layer in (4, 8)
             else:
-                reg = build_regularizer(reg_name, reg_config, model)
+                reg = build_regularizer(reg_name, reg_config, model.config)
             assert max(reg.student_layers()) <= model.depth
 
 

@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from selfalign.config.loader import (ConfigError, apply_overrides, from_dict, load_yaml,
+from selfalign.config.loader import (ConfigError, apply_overrides, check_choices, from_dict, load_yaml,
                                      parse_override, to_dict)
 
 
@@ -97,6 +97,30 @@ def test_wrong_types_name_the_dotted_key(data, message):
 def test_validate_runs_on_nested_dataclasses_as_config_error():
     with pytest.raises(ConfigError, match=r"train\.optim\.lr must be > 0"):
         from_dict(Root, {"train": {"optim": {"lr": -1}}})
+
+
+def test_validate_can_be_left_to_the_caller():
+    assert from_dict(Optim, {"lr": -1}, validate=False).lr == -1.0
+    with pytest.raises(ConfigError, match=r"^optim\.lr: expected a number"):   # types still checked
+        from_dict(Optim, {"lr": "x"}, "optim", validate=False)
+
+
+@dataclass
+class Choices:
+    mode: Literal["fast", "exact"] = "fast"
+    level: Literal[1, 2] | None = None
+    free: str = "anything"
+
+
+def test_check_choices_holds_a_dataclass_built_in_python_to_its_literals():
+    check_choices(Choices(mode="exact", level=2, free="x"), "c")
+    check_choices(Choices(level=None), "c")
+    with pytest.raises(ConfigError, match=r"^c\.mode: expected one of 'fast', 'exact', got 'slow'$"):
+        check_choices(Choices(mode="slow"), "c")
+    with pytest.raises(ConfigError, match=r"^c\.level: expected one of 1, 2, got True$"):
+        check_choices(Choices(level=True), "c")          # True == 1, but it is not a choice
+    with pytest.raises(ConfigError, match=r"^c\.level: expected one of 1, 2, got 3$"):
+        from_dict(Choices, {"level": 3}, "c")            # the loader says the same
 
 
 def test_required_field_missing_is_a_config_error():

@@ -3,12 +3,14 @@ round trips are exact, misfits are refused naming the first mismatch, pickled co
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import pytest
 import torch
 
 from selfalign.cli import main
+from selfalign.errors import CheckpointError
 from selfalign.models import build_model
 from selfalign.pipeline.convert import (export_checkpoint, export_state, import_checkpoint, import_state,
                                         read_tensors, time_reflection)
@@ -32,6 +34,16 @@ def inputs(seed=1):
     return torch.randn(4, 4, 8, 8, generator=g), torch.tensor([0, 3, 9, 10])
 
 
+def released_sit(seed=4):
+    """An original SiT state dict (learn_sigma=True): the sigma half of its output is discarded by
+    SiT's forward, so it never trains and keeps its zero initialisation."""
+    state = model(learn_sigma=True, seed=seed).state_dict()
+    keep = (torch.arange(2 * 2 * 8) % 8) < 4        # (p, q, c) rows, c fastest: the first C of 2C
+    for key in ("final_layer.linear.weight", "final_layer.linear.bias"):
+        state[key][~keep] = 0
+    return state
+
+
 def original_sit(state):
     """The original SiT's forward (learn_sigma=True, t = 1 is data) from its state dict."""
     net = build_model("SiT-T/2", learn_sigma=True, **KW).eval()
@@ -49,7 +61,7 @@ def test_time_reflection_maps_the_embedding_of_t_to_that_of_1_minus_t():
 
 
 def test_original_sit_gives_the_same_velocity_field_and_sampling_trajectory():
-    sit_state = model(learn_sigma=True, seed=4).state_dict()
+    sit_state = released_sit()
     original = original_sit(sit_state)
     converted = import_state(sit_state, "sit")
     ours = build_model(converted.preset, **KW).eval()
@@ -128,23 +140,43 @@ def test_files_and_cli_import_export(tmp_path, capsys):
 
 def test_misfits_are_refused_naming_the_first_mismatch(tmp_path, capsys):
     state = model().state_dict()
-    with pytest.raises(ValueError, match=r"'pos_embed' has shape \(1, 16, 128\), the preset needs "
-                                         r"\(1, 16, 256\).*looks like SiT-T/2"):
+    with pytest.raises(CheckpointError, match=r"'pos_embed' has shape \(1, 16, 128\), the preset needs "
+                                              r"\(1, 16, 256\).*looks like SiT-T/2"):
         import_state(state, "sra", preset="SiT-M/2")
     broken = {k: v for k, v in state.items() if k != "blocks.3.mlp.fc2.bias"}
-    with pytest.raises(ValueError, match="lacks 'blocks.3.mlp.fc2.bias'"):
+    with pytest.raises(CheckpointError, match="lacks 'blocks.3.mlp.fc2.bias'"):
         import_state(broken, "repa")
-    with pytest.raises(ValueError, match="unexpected tensor 'extra.weight'"):
+    with pytest.raises(CheckpointError, match="unexpected tensor 'extra.weight'"):
         import_state({**state, "extra.weight": torch.zeros(1)}, "sra")
-    with pytest.raises(ValueError, match="final_layer.linear.weight' has shape \\(16, 128\\), the preset needs \\(32, 128\\)"):
-        import_state(state, "sit")           # a selfalign/REPA SiT is not an original (learn_sigma) SiT
-    with pytest.raises(ValueError, match="is a SiT model but the 'dit' layout"):
-        import_state(state, "dit", preset="SiT-T/2")
     torch.save(state, tmp_path / "sit.pt")
     assert main(["convert", "import", str(tmp_path / "sit.pt"), str(tmp_path / "r"), "--from", "sra",
                  "--preset", "SiT-T/4"]) == 2
     err = capsys.readouterr().err.strip()
     assert "'pos_embed' has shape (1, 16, 128), the preset needs (1, 4, 128)" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("state, layout, fragment", [
+    ("flow", "sit", "4 output channels.*use --from sra"),       # a REPA/SRA SiT is no original SiT
+    ("flow", "dit", "4 output channels.*use --from sra"),
+    ("sit", "dit", "sigma half of its final layer is zero.*use --from sit"),
+    ("dit", "sit", "sigma half of its final layer is trained.*use --from dit"),
+    ("dit", "sra", "sigma half of its final layer is trained.*use --from dit"),
+    ("sit", "repa", "sigma half of its final layer is zero.*use --from sit"),
+])
+def test_a_checkpoint_of_another_family_is_refused_in_one_line(tmp_path, capsys, state, layout, fragment):
+    tensors = {"flow": lambda: model().state_dict(), "sit": released_sit,
+               "dit": lambda: model("DiT-T/2").state_dict()}[state]()
+    with pytest.raises(CheckpointError, match=fragment):
+        import_state(tensors, layout)
+    torch.save(tensors, tmp_path / "ckpt.pt")
+    assert main(["convert", "import", str(tmp_path / "ckpt.pt"), str(tmp_path / "run"), "--from", layout]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_preset_of_the_other_family_is_refused():
+    with pytest.raises(CheckpointError, match="is a SiT model but checkpoint holds a DiT model"):
+        import_state(model("DiT-T/2").state_dict(), "dit", preset="SiT-T/2")
 
 
 class Exploit:
@@ -159,8 +191,36 @@ def test_a_malicious_pickle_is_refused_and_never_run(tmp_path, capsys):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"ema": model().state_dict(), "payload": Exploit(marker)}, path)
-    with pytest.raises(ValueError, match="refused.*never unpickles code"):
+    with pytest.raises(CheckpointError, match="refused.*never unpickles code"):
         read_tensors(path)
     assert main(["convert", "import", str(path), str(tmp_path / "run"), "--from", "sra"]) == 2
     assert "refused" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["convert", "import", "{tmp}/any.pt", "{tmp}/run", "--from", "sra", "--processes", "0"], "--processes must be >= 1"),
+    (["convert", "export", "{tmp}/run", "{tmp}/out.txt", "--to", "sra"], "use a .pt or .safetensors file name"),
+    (["convert", "export", "{tmp}/no-run", "{tmp}/out.pt", "--to", "sra"], "does not exist"),
+])
+def test_flag_and_path_mistakes_are_one_line_and_write_nothing(tmp_path, capsys, argv, fragment):
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1 and not any(tmp_path.iterdir())
+
+
+def test_a_selfalign_preset_exports_as_the_released_arguments_and_says_what_differs():
+    from selfalign.config.experiment import load_config
+    from selfalign.pipeline.convert_args import RELEASED_ARGS, config_to_args
+
+    paper = json.loads(json.dumps(load_config("sit-xl2-256-sra").to_dict(), default=list))
+    args, notes = config_to_args(paper, "SiT", None)
+    assert list(args) == list(RELEASED_ARGS["SiT"])
+    assert (args["batch_size"], args["mixed_precision"], args["loss_type"]) == (32, "bf16", "sml1")
+    assert (args["block_out_s"], args["block_out_t"], args["t_max"], args["max_train_steps"]) == (8, 20, 0.2, 4_000_000)
+    assert [n for n in notes if "SRA weight" in n] == [
+        "the SRA weight here is 0.2 constant; the released code's resume uses 0.2 decaying by 10x every "
+        "1000 epochs after epoch 149"]
+    code = json.loads(json.dumps(load_config("dit-xl2-256-sra-code").to_dict(), default=list))
+    args, notes = config_to_args(code, "DiT", None, processes=4)
+    assert list(args) == list(RELEASED_ARGS["DiT"]) and args["batch_size"] == 64 and notes == []

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from selfalign.data import DataOrder, FashionMNIST, ImageFolder, build_dataset, step_batches
+from selfalign.data import DataOrder, FashionMNIST, ImageFolder, TrainingDataset, build_dataset, step_batches
 from selfalign.data.imagefolder import describe_folder
-from selfalign.errors import DataError
 from selfalign.data.fashion_mnist import ENV_VAR
 from selfalign.data.transforms import center_crop_arr, model_to_uint8, uint8_to_model
+from selfalign.errors import ConfigError, DataError
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -53,15 +53,15 @@ def test_fashion_mnist_env_var_and_idx_parser(tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_missing_or_damaged_files_say_how_to_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         FashionMNIST("train", path=tmp_path)
     fake_fashion(tmp_path)
     raw = gzip.open(tmp_path / "train-images-idx3-ubyte.gz").read()
     with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
         f.write(raw[:-100])
-    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz is truncated"):
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz is truncated"):
         FashionMNIST("train", path=tmp_path)
-    with pytest.raises(ValueError, match="data.resolution=29 does not fit"):
+    with pytest.raises(ConfigError, match="data.resolution=29 does not fit"):
         FashionMNIST("test", resolution=29)
 
 
@@ -98,7 +98,7 @@ def test_imagefolder_classes_crop_and_bad_files(tmp_path):
     data = ImageFolder(tmp_path, 16)              # a readable header, truncated pixels
     with pytest.raises(DataError, match=r"image 4 \(.*dogs/2.png\) cannot be read"):
         data.__getitems__([4])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         ImageFolder(tmp_path / "missing", 16)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no class sub-folders"):
@@ -148,3 +148,17 @@ def test_build_dataset_from_config():
     config = load_config({"model": {"preset": "SiT-T/4"}})
     data = build_dataset(config.data, "test")
     assert isinstance(data, FashionMNIST) and len(data) == 10000
+
+
+def test_pixel_datasets_are_training_datasets_whose_batches_are_the_model_input(tmp_path):
+    fake_fashion(tmp_path, n=4)
+    (tmp_path / "images" / "only").mkdir(parents=True)
+    Image.new("RGB", (20, 20), (10, 20, 30)).save(tmp_path / "images" / "only" / "a.png")
+    for data, channels, classes in ((FashionMNIST("train", path=tmp_path), 1, 10),
+                                    (ImageFolder(tmp_path / "images", 16), 3, 1)):
+        assert isinstance(data, TrainingDataset) and data.flippable
+        assert (data.channels, data.num_classes) == (channels, classes)
+        x, y = data.__getitems__([0])
+        assert data.to_model(x, torch.Generator()) is x and data.decode(x) is x
+        assert y.dtype == torch.long
+

@@ -9,8 +9,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from selfalign.objectives import FlowObjective
-from selfalign.regularizers import REGISTRY, Dispersive, DispersiveConfig, StepContext
-from selfalign.regularizers.dispersive import dispersive_loss, gather_with_local_grad
+from selfalign.errors import ConfigError
+from selfalign.regularizers import REGISTRY, StepContext
+from selfalign.regularizers.dispersive import (Dispersive, DispersiveConfig, dispersive_loss,
+                                              gather_with_local_grad)
 from selfalign.training.step import TrainingStep
 
 
@@ -60,8 +62,8 @@ def _ctx(model, feats):
 def test_pooling_flatten_or_token_mean(tiny_model):
     model = tiny_model(in_channels=1)
     feats = torch.randn(4, 16, 128, generator=torch.Generator().manual_seed(1))
-    flat = Dispersive(DispersiveConfig(layer=2), model.depth)
-    mean = Dispersive(DispersiveConfig(layer=2, pooling="mean"), model.depth)
+    flat = Dispersive(DispersiveConfig(layer=2), model.config)
+    mean = Dispersive(DispersiveConfig(layer=2, pooling="mean"), model.config)
     ctx = _ctx(model, {2: feats})
     assert flat(ctx).item() == pytest.approx(dispersive_loss(feats.reshape(4, -1)).item(), abs=1e-6)
     assert mean(ctx).item() == pytest.approx(dispersive_loss(feats.mean(1)).item(), abs=1e-6)
@@ -69,19 +71,21 @@ def test_pooling_flatten_or_token_mean(tiny_model):
 
 def test_defaults_and_registry(tiny_model):
     model = tiny_model(in_channels=1)
-    reg = REGISTRY["dispersive"][1](DispersiveConfig(), model)
+    reg = REGISTRY["dispersive"].regularizer(DispersiveConfig(), model.config)
     assert reg.student_layers() == (model.depth,)        # released code: the last block
     assert reg.weight(None) == 0.25 and reg.config.temperature == 1.0
     assert not reg.needs_teacher() and not reg.needs_images() and not list(reg.parameters())
-    with pytest.raises(ValueError, match="dispersive.temperature"):
-        DispersiveConfig(temperature=0).validate()
-    with pytest.raises(ValueError, match="dispersive.layer"):
+    with pytest.raises(ConfigError, match=r"^dispersive.temperature must be > 0, got 0$"):
+        DispersiveConfig(temperature=0).validate(depth=6)
+    with pytest.raises(ConfigError, match=r"^dispersive.layer=7 must be a block in 1..6$"):
         DispersiveConfig(layer=7).validate(depth=6)
+    with pytest.raises(ConfigError, match=r"^dispersive.pooling: expected one of 'flatten', 'mean', got 'max'$"):
+        DispersiveConfig(pooling="max").validate(depth=6)
 
 
 def test_gradients_reach_only_blocks_up_to_the_tapped_one(tiny_model):
     model = tiny_model(in_channels=1)
-    step = TrainingStep(model, FlowObjective(), {"dispersive": Dispersive(DispersiveConfig(layer=2), 6)})
+    step = TrainingStep(model, FlowObjective(), {"dispersive": Dispersive(DispersiveConfig(layer=2), model.config)})
     _, terms = step(torch.randn(4, 1, 8, 8), torch.arange(4), generator=torch.Generator().manual_seed(0))
     terms["dispersive"].backward()
     for name, p in model.named_parameters():

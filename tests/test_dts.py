@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from selfalign.ema import EMA
-from selfalign.objectives import FlowObjective
+from selfalign.errors import ConfigError
+from selfalign.objectives import DDPMObjective, FlowObjective
 from selfalign.objectives.base import expand_time
 from selfalign.objectives.flow import FlowConfig
-from selfalign.regularizers import DTS, DTSConfig, REGISTRY, StepContext
-from selfalign.regularizers.dts import split_tokens
+from selfalign.regularizers import REGISTRY, StepContext
+from selfalign.regularizers.dts import DTS, DTSConfig, split_tokens
 from selfalign.training.step import TrainingStep
 
 
@@ -25,7 +26,7 @@ def prepared(model, config, objective=None, batch=3, seed=0):
     t = objective.sample_time(batch, "cpu", g)
     ctx = StepContext(model=model, objective=objective, x0=x0, noise=noise, t=t,
                       x_t=objective.interpolate(x0, noise, t), y=torch.arange(batch), generator=g)
-    reg = DTS(config, model)
+    reg = DTS(config, model.config)
     reg.prepare(ctx)
     return reg, ctx, t
 
@@ -76,9 +77,11 @@ def test_options_single_time_and_no_separation(tiny_model):
     _, ctx, t = prepared(model, DTSConfig(student_layer=2, teacher_layer=4, dual_timestep=False,
                                           attention_separation=False))
     assert ctx.attn_groups is None and torch.equal(ctx.t, t[:, None].expand(-1, 16))
-    with pytest.raises(ValueError, match="flow objective"):
-        from selfalign.objectives import DDPMObjective
+    with pytest.raises(ConfigError, match=r"^regularizers.dts needs objective.kind=flow"):
         prepared(model, DTSConfig(student_layer=2, teacher_layer=4), objective=DDPMObjective())
+    reg, ctx, _ = prepared(model, DTSConfig(student_layer=2, teacher_layer=4))
+    with pytest.raises(ConfigError, match="per-token times already set: use one token-time regularizer"):
+        reg.prepare(ctx)                                  # a second token-time regularizer
 
 
 def test_attention_separation_blocks_attention_between_groups(tiny_model):
@@ -159,7 +162,7 @@ def test_cosine_loss_on_hand_made_features(tiny_model):
 def test_training_step_gradients_and_frozen_teacher(tiny_model):
     model = tiny_model(input_size=8, in_channels=2)
     ema = EMA(model)
-    reg = REGISTRY["dts"][1](DTSConfig(student_layer=2, teacher_layer=4), model)
+    reg = REGISTRY["dts"].regularizer(DTSConfig(student_layer=2, teacher_layer=4), model.config)
     step = TrainingStep(model, FlowObjective(), {"dts": reg})
     total, terms = step(torch.randn(3, 2, 8, 8), torch.arange(3), teacher=ema.model,
                         generator=torch.Generator().manual_seed(0))

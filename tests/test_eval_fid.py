@@ -16,6 +16,7 @@ from selfalign.evaluation.fid import (FeatureStatistics, frechet_distance, incep
 from selfalign.evaluation.images import NpzSource, open_source
 from selfalign.evaluation.inception import InceptionV3, tf_resize_bilinear
 from selfalign.evaluation.precision_recall import manifold_radii, precision_recall
+from selfalign.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_frechet_distance_singular_covariances_use_the_eps_fallback():
     feats = rng.normal(size=(5, 40))           # rank 4 covariance in 40 dimensions
     stats = FeatureStatistics.of(feats)
     assert abs(frechet_distance(stats, stats)) < 1e-3
-    with pytest.raises(ValueError, match="different dimensions"):
+    with pytest.raises(DataError, match="different dimensions"):
         frechet_distance(stats, FeatureStatistics.of(rng.normal(size=(5, 8))))
 
 
@@ -164,7 +165,7 @@ def test_manifold_radius_is_the_squared_distance_to_the_third_neighbour():
     points = np.array([[0.0], [1.0], [3.0], [6.0], [10.0]])
     # neighbours of 0: 1, 3, 6 -> third at distance 6 -> squared 36
     assert manifold_radii(points)[0].item() == pytest.approx(36.0)
-    with pytest.raises(ValueError, match="more than 3"):
+    with pytest.raises(DataError, match="more than 3"):
         manifold_radii(points[:3])
 
 
@@ -200,7 +201,7 @@ def test_npz_source_streams_batches(tmp_path):
     assert [len(b) for b in batches] == [3, 3, 1] and np.array_equal(np.concatenate(batches), images)
     assert np.array_equal(source.labels, np.arange(7))
     np.savez(tmp_path / "bad.npz", arr_0=images.astype(np.float32))
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(DataError, match="uint8"):
         open_source(str(tmp_path / "bad.npz"))
 
 

@@ -71,7 +71,7 @@ def test_sra_step_adds_teacher_and_head(tiny):
     half = training_step_flops(config, teacher_layer=4, teacher_fraction=0.5)
     assert half["teacher"] == sra["teacher"] / 2 and half["head"] == sra["head"] / 2
     # the head's forward, counted by torch on the regularizer's own head
-    head = SRA(SRAConfig(student_layer=2, teacher_layer=4), config.hidden_size, config.depth).head
+    head = SRA(SRAConfig(student_layer=2, teacher_layer=4), config).head
     tokens = torch.randn(batch, config.num_tokens, config.hidden_size)
     assert counted_flops(lambda: head(tokens)) == batch * head_flops(config)
 

@@ -14,10 +14,12 @@ from PIL import Image
 pytest.importorskip("diffusers")
 
 from selfalign.conventions import SD_VAE_SCALE
+from selfalign.data import TrainingDataset
 from selfalign.data.latents import LatentDataset, build_latent_dataset, draw_x0
 from selfalign.pipeline.prepare import PrepareConfig, prepare
 from selfalign.data.sources import ImageReader, list_images
 from selfalign.data.vae import LatentScaling, LatentVAE, tiny_vae_config
+from selfalign.errors import ConfigError, DataError
 
 SIZE = 16
 
@@ -97,6 +99,17 @@ def test_draw_x0_is_scale_times_a_sample_from_the_given_generator(prepared):
     assert LatentDataset(out["safetensors"], normalization="channel").scaling == scaling
 
 
+def test_analysis_draws_latent_examples_like_the_trainer(prepared):
+    """Probes, CKNNA and PCA read a latent dataset's examples as the model input, not its moments."""
+    from selfalign.evaluation.features import dataset_batch
+    _, _, out = prepared
+    ds = LatentDataset(out["safetensors"])
+    x0, labels = dataset_batch(ds, [5, 0], torch.Generator().manual_seed(4))
+    moments, expected_labels = ds.__getitems__([5, 0])
+    torch.testing.assert_close(x0, ds.to_model(moments, torch.Generator().manual_seed(4)))
+    assert x0.shape == (2, 4, 8, 8) and torch.equal(labels, expected_labels)
+
+
 def test_decode_uses_the_datasets_vae_and_inverts_the_scale(prepared):
     _, vae, out = prepared
     ds = LatentDataset(out["safetensors"])
@@ -118,14 +131,14 @@ def test_truncated_or_corrupted_shards_are_named(prepared, tmp_path):
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0xFF                                   # same size, different bytes
     shard.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="shard-000001.safetensors.*sha256"):
+    with pytest.raises(DataError, match="shard-000001.safetensors.*sha256"):
         LatentDataset(root, verify="full")
     lazy = LatentDataset(root, verify="lazy")          # opens; fails when that shard is read
     lazy[0]
-    with pytest.raises(ValueError, match="shard-000001.safetensors.*sha256"):
+    with pytest.raises(DataError, match="shard-000001.safetensors.*sha256"):
         lazy[5]
     shard.write_bytes(bytes(data[:-10]))               # truncated: caught at open by size
-    with pytest.raises(ValueError, match="shard-000001.safetensors.*truncated"):
+    with pytest.raises(DataError, match="shard-000001.safetensors.*truncated"):
         LatentDataset(root, verify="size")
 
 
@@ -134,7 +147,20 @@ def test_config_checks(prepared, tmp_path):
     _, _, out = prepared
     ds = build_latent_dataset(DataConfig(kind="latents", path=str(out["safetensors"]), resolution=SIZE, hflip=True))
     assert len(ds) == 12
-    with pytest.raises(ValueError, match="prepared at 16 px"):
+    with pytest.raises(ConfigError, match="prepared at 16 px"):
         build_latent_dataset(DataConfig(kind="latents", path=str(out["safetensors"]), resolution=32))
-    with pytest.raises(FileNotFoundError, match="selfalign prepare"):
+    with pytest.raises(DataError, match="selfalign prepare"):
         LatentDataset(tmp_path)
+
+
+def test_a_latent_dataset_is_a_training_dataset_that_draws_its_model_input(prepared):
+    _, _, out = prepared
+    ds = LatentDataset(out["safetensors"])
+    assert isinstance(ds, TrainingDataset) and not ds.flippable      # mirrored latents are stored examples
+    moments, labels = ds.__getitems__([0, 1])
+    assert ds.channels == ds.latent_shape[0] == moments.shape[1] // 2
+    mean, std = moments.chunk(2, dim=1)
+    x0 = ds.to_model(moments, torch.Generator().manual_seed(3))
+    assert torch.equal(x0, draw_x0(mean, std, torch.Generator().manual_seed(3), ds.scaling))
+    assert x0.shape == (2, *ds.latent_shape) and labels.tolist() == ds.labels[:2].tolist()
+

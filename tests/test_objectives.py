@@ -223,9 +223,9 @@ def test_build_objective_from_config():
 
 
 @pytest.mark.parametrize("data,message", [
-    ({"kind": "dpm"}, "objective.kind='dpm' is not one of ('flow', 'ddpm')"),
-    ({"kind": "ddpm", "beta_schedule": "cosine"}, "objective.beta_schedule='cosine' is not one of"),
-    ({"kind": "flow", "path": "cos"}, "objective.path='cos' is not one of"),
+    ({"kind": "dpm"}, "objective.kind: expected one of 'flow', 'ddpm', got 'dpm'"),
+    ({"kind": "ddpm", "beta_schedule": "cosine"}, "objective.beta_schedule: expected one of"),
+    ({"kind": "flow", "path": "cos"}, "objective.path: expected one of 'linear', 'cosine', got 'cos'"),
     ({"kind": "ddpm", "num_timesteps": 1}, "objective.num_timesteps must be >= 2"),
     ({"kind": "ddpm", "timesteps": 10}, "objective.timesteps: unknown key"),
 ])

@@ -23,6 +23,7 @@ from selfalign.cli import main
 from selfalign.pipeline.prepare import PrepareConfig, prepare
 from selfalign.data.sources import ImageReader, list_images
 from selfalign.data.vae import LatentVAE, tiny_vae_config
+from selfalign.errors import UsageError
 
 SIZE = 16
 
@@ -138,7 +139,7 @@ def test_interrupted_prepare_resumes_and_rebuilds_damaged_shards(setup, referenc
     assert not list((out / "shards").glob("*.tmp-*"))
     third = prepare(config(setup, out), vae=setup[2])
     assert third.shards_written == [] and third.shards_reused == [0, 1, 2, 3] and third.complete
-    with pytest.raises(ValueError, match="different settings \\(image_size"):
+    with pytest.raises(UsageError, match="different settings \\(image_size"):
         prepare(config(setup, out, image_size=24), vae=setup[2])
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from selfalign.cli import main
 from selfalign.data import DataOrder, step_batches
 from selfalign.data.latents import LatentDataset
+from selfalign.errors import DataError
 from selfalign.formats import shards as fmt
 from conftest import load_kill_harness
 
@@ -182,7 +183,7 @@ def test_damaged_latent_shards_stop_the_cli_with_the_file_named(tmp_path, capsys
 
 def test_wrong_shard_shape_is_named(tmp_path):
     root = make_latents(tmp_path / "latents", shape=lambda n: (4, 3, 3) if n == 1 else LATENT)
-    with pytest.raises(ValueError, match=r"shard-000001.safetensors.*mean has shape \(4, 4, 3, 3\).*\(4, 4, 2, 2\)"):
+    with pytest.raises(DataError, match=r"shard-000001.safetensors.*mean has shape \(4, 4, 3, 3\).*\(4, 4, 2, 2\)"):
         ds = LatentDataset(root)
         ds.__getitems__(range(8))
 
@@ -204,7 +205,7 @@ def test_a_shard_failing_its_checksum_inside_a_dataloader_worker_is_one_line(tmp
     shard.write_bytes(bytes(data))
     ds = LatentDataset(root, verify="lazy")
     batches = step_batches(ds, DataOrder(len(ds), 0, shuffle=False), 8, 0, 1, 0, num_workers=1)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(DataError) as info:
         next(batches)
     message = str(info.value)
     assert "\n" not in message and "Traceback" not in message

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from selfalign.config.experiment import load_config
 from selfalign.formats import checkpoint as ckpt_io
 from selfalign.training.trainer import TrainingStopped, train
-from conftest import load_kill_harness
+from conftest import load_kill_harness, one_thread
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 BATCH = 8
@@ -80,13 +80,9 @@ def install_failure(monkeypatch, where: str) -> None:
 
 @pytest.fixture(scope="module")
 def undisturbed(data_dir, tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         run = tmp_path_factory.mktemp("undisturbed")
         train(config(data_dir, 6), run, log=lambda _m: None)
-    finally:
-        torch.set_num_threads(threads)
     return {name: load_file(str(ckpt_io.latest_checkpoint(run) / f"{name}.safetensors")) for name in ("model", "ema")}
 
 

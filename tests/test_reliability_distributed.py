@@ -16,7 +16,7 @@ import yaml
 from selfalign.config.experiment import load_config
 from selfalign.formats.checkpoint import list_checkpoints
 from selfalign.training.trainer import train
-from conftest import load_kill_harness
+from conftest import load_kill_harness, one_thread
 
 BATCH = 8
 
@@ -38,12 +38,8 @@ def setup(tmp_path_factory):
                         "ckpt_every_kimg": 2 * BATCH / 1000, "keep_last": 5, "device": "cpu", "lr": 1e-3},
               "logging": {"tensorboard": False, "progress_bar": False}}
     (base / "tiny.yaml").write_text(yaml.safe_dump(config))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         train(load_config(config), base / "run", log=lambda _m: None)
-    finally:
-        torch.set_num_threads(threads)
     return base
 
 

@@ -17,7 +17,7 @@ from selfalign.cli import main
 from selfalign.config.experiment import load_config
 from selfalign.formats import checkpoint as ckpt_io
 from selfalign.training.trainer import train
-from conftest import load_kill_harness
+from conftest import load_kill_harness, one_thread
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -44,12 +44,8 @@ def trained(tmp_path_factory):
                         "device": "cpu", "lr": 1e-3, "keep_last": 5},
               "logging": {"tensorboard": False, "progress_bar": False}}
     (base / "tiny.yaml").write_text(yaml.safe_dump(config))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         train(load_config(config), base / "run", log=lambda _m: None)
-    finally:
-        torch.set_num_threads(threads)
     return base
 
 

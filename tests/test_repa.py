@@ -10,13 +10,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from selfalign.models import backbone_config
+from selfalign.errors import CheckpointError, ConfigError, UsageError
 from selfalign.models.classifier import FashionClassifier
 from selfalign.objectives import FlowObjective
-from selfalign.regularizers import REGISTRY, REPA, REPAConfig, StepContext
+from selfalign.regularizers import REGISTRY, StepContext
 from selfalign.regularizers import encoders
 from selfalign.regularizers.encoders import (DINOv2Encoder, FeatureMapEncoder, fashion_classifier_encoder,
                                              load_dinov2, match_token_grid, preprocess,
                                              resample_abs_pos_embed)
+from selfalign.regularizers.repa import REPA, REPAConfig
 from selfalign.training.step import TrainingStep
 
 
@@ -47,7 +50,7 @@ def make_ctx(model, x0, feats, images=None):
 def test_negative_cosine_on_hand_made_tokens(tiny_model):
     model = tiny_model(input_size=4, in_channels=1)           # 2x2 = 4 tokens
     target = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [3.0, 0.0]]])
-    reg = REPA(REPAConfig(layer=2), model, encoder=FixedTokens(target))
+    reg = REPA(REPAConfig(layer=2), model.config, encoder=FixedTokens(target))
     reg.projector = nn.Identity()                            # look at the loss alone
     feats = torch.tensor([[[2.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [1.0, 1.0]]])
     # cosines per token: 1, 0, -1, 1/sqrt(2); REPA: minus their mean
@@ -58,7 +61,7 @@ def test_negative_cosine_on_hand_made_tokens(tiny_model):
 
 def test_projector_is_repas_three_layer_mlp(tiny_model):
     model = tiny_model(in_channels=1)
-    reg = REPA(REPAConfig(layer=2), model, encoder=tiny_cnn_encoder(width=24))
+    reg = REPA(REPAConfig(layer=2), model.config, encoder=tiny_cnn_encoder(width=24))
     layers = list(reg.projector)
     assert [type(m) for m in layers] == [nn.Linear, nn.SiLU, nn.Linear, nn.SiLU, nn.Linear]
     assert [(m.in_features, m.out_features) for m in layers[::2]] == [(128, 2048), (2048, 2048), (2048, 24)]
@@ -68,23 +71,18 @@ def test_depth_presets_and_config_checks():
     assert REPAConfig.for_model("SiT-B/2").layer == 4
     assert REPAConfig.for_model("SiT-L/2").layer == 8 and REPAConfig.for_model("SiT-XL/2").layer == 8
     assert REPAConfig().weight == 0.5
-    with pytest.raises(ValueError, match="repa.layer"):
+    with pytest.raises(ConfigError, match=r"^repa.layer=13 must be a block in 1..12$"):
         REPAConfig(layer=13).validate(depth=12)
-    with pytest.raises(ValueError, match="repa.encoder_layout"):
-        REPAConfig(encoder_layout="onnx").validate()
-    with pytest.raises(ValueError, match="unknown repa.encoder"):
-        REPA(REPAConfig(layer=2, encoder="clip"), _model())
-
-
-def _model():
-    from selfalign.models import build_model
-    return build_model("SiT-T/2", input_size=8, in_channels=1, num_classes=10)
+    with pytest.raises(ConfigError, match=r"^repa.encoder_layout: expected one of 'timm', 'hub', got 'onnx'$"):
+        REPAConfig(encoder_layout="onnx").validate(depth=12)
+    with pytest.raises(ConfigError, match=r"^repa.encoder: expected one of 'dinov2-vits14', .*, got 'clip'$"):
+        REPA(REPAConfig(layer=2, encoder="clip"), backbone_config("SiT-T/2", input_size=8, in_channels=1))
 
 
 def test_encoder_is_frozen_outside_optimizer_and_checkpoint(tiny_model):
     model = tiny_model(in_channels=1)
     encoder = tiny_cnn_encoder()
-    reg = REPA(REPAConfig(layer=2, projector_dim=16), model, encoder=encoder)
+    reg = REPA(REPAConfig(layer=2, projector_dim=16), model.config, encoder=encoder)
     step = TrainingStep(model, FlowObjective(), {"repa": reg})
     encoder_params = {id(p) for p in encoder.parameters()}
     assert encoder_params and not encoder_params & {id(p) for p in step.parameters()}
@@ -100,7 +98,7 @@ def test_encoder_is_frozen_outside_optimizer_and_checkpoint(tiny_model):
 
 def test_gradients_reach_exactly_the_blocks_up_to_d_and_the_projector(tiny_model):
     model = tiny_model(in_channels=1)
-    reg = REPA(REPAConfig(layer=3, projector_dim=16), model, encoder=tiny_cnn_encoder())
+    reg = REPA(REPAConfig(layer=3, projector_dim=16), model.config, encoder=tiny_cnn_encoder())
     step = TrainingStep(model, FlowObjective(), {"repa": reg})
     _, terms = step(torch.rand(4, 1, 8, 8) * 2 - 1, torch.arange(4),
                     generator=torch.Generator().manual_seed(1))
@@ -113,12 +111,12 @@ def test_gradients_reach_exactly_the_blocks_up_to_d_and_the_projector(tiny_model
 
 def test_pixel_data_uses_x0_latents_need_images(tiny_model):
     model = tiny_model(in_channels=4)
-    reg = REPA(REPAConfig(layer=2, projector_dim=16), model, encoder=tiny_cnn_encoder(channels=3))
+    reg = REPA(REPAConfig(layer=2, projector_dim=16), model.config, encoder=tiny_cnn_encoder(channels=3))
     assert reg.needs_images()
     x0 = torch.randn(2, 4, 8, 8)
     feats = {2: torch.randn(2, 16, 128)}
     for images in (None, x0):                                  # no images, or the latents again
-        with pytest.raises(RuntimeError, match="raw images"):
+        with pytest.raises(ConfigError, match="raw images"):
             reg(make_ctx(model, x0, feats, images=images))
     images = torch.rand(2, 3, 64, 64) * 2 - 1                 # images at 8x the latent size
     assert torch.isfinite(reg(make_ctx(model, x0, feats, images=images)))
@@ -200,12 +198,12 @@ def test_dinov2_hub_layout_from_a_local_clone_and_weight_file(tmp_path):
 
 
 def test_dinov2_loader_errors(monkeypatch, tmp_path):
-    with pytest.raises(ValueError, match="unknown DINOv2 encoder"):
+    with pytest.raises(ConfigError, match="unknown DINOv2 encoder"):
         load_dinov2("dinov2-vitq14")
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(CheckpointError, match="not found"):
         load_dinov2("dinov2-vitb14", weights=str(tmp_path / "missing.pth"))
     monkeypatch.setitem(sys.modules, "timm", None)            # timm absent: one clear line
-    with pytest.raises(ImportError, match=r"selfalign\[timm\]"):
+    with pytest.raises(UsageError, match=r"selfalign\[timm\]"):
         load_dinov2("dinov2-vitb14-reg", layout="timm")
 
 
@@ -215,7 +213,7 @@ def test_fashion_classifier_stand_in(tmp_path, tiny_model):
     model = tiny_model(input_size=32, in_channels=1)                      # 16x16 tokens
     config = REPAConfig(layer=2, encoder="fmnist-classifier", projector_dim=16,
                         encoder_weights=str(tmp_path / "clf.safetensors"))
-    reg = REGISTRY["repa"][1](config, model)
+    reg = REGISTRY["repa"].regularizer(config, model.config)
     assert reg.encoder.embed_dim == 128 and not reg.encoder.training
     images = torch.rand(2, 1, 32, 32) * 2 - 1
     expected = classifier.eval().tokens(images)                           # (2, 49, 128)

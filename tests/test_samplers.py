@@ -34,13 +34,8 @@ MEANS4 = torch.tensor([[1.0, -0.5, 0.3, 0.8], [-1.0, 0.5, 0.0, -0.4], [0.2, 0.1,
 COV4_DIAG = torch.diag(torch.tensor([0.25, 0.5, 0.9, 0.4]))                      # DDPM: diagonal
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Thousands of tiny ops: threading only adds overhead on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Thousands of tiny ops: threading only adds overhead on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def linear_alphas_cumprod() -> torch.Tensor:
@@ -344,10 +339,10 @@ def test_deterministic_given_a_generator(config, kind):
 
 # -- configuration and the real backbone ---------------------------------------------------------
 @pytest.mark.parametrize("overrides,message", [
-    ({"name": "eulr"}, "sampler.name='eulr' is not one of ('euler', 'heun', 'euler_maruyama', 'ddpm', 'ddim')"),
+    ({"name": "eulr"}, "sampler.name: expected one of 'euler', 'heun', 'euler_maruyama', 'ddpm', 'ddim', got 'eulr'"),
     ({"guidance_low": 0.8, "guidance_high": 0.2}, "interval is reversed"),
     ({"steps": 0}, "sampler.steps must be >= 1"),
-    ({"diffusion": "3t"}, "sampler.diffusion='3t'"),
+    ({"diffusion": "3t"}, "sampler.diffusion: expected one of '2t', 'sigma', got '3t'"),
     ({"last_step": 0.0}, "sampler.last_step must be in (0, 1)"),
 ])
 def test_config_errors_are_one_line(overrides, message):

@@ -4,7 +4,9 @@ import torch
 from torch import nn
 
 from selfalign.objectives import FlowObjective
-from selfalign.regularizers import REGISTRY, SRA2, SRA2Config, StepContext
+from selfalign.errors import ConfigError
+from selfalign.regularizers import REGISTRY, StepContext
+from selfalign.regularizers.sra2 import SRA2, SRA2Config
 from selfalign.training.step import TrainingStep
 
 
@@ -16,7 +18,7 @@ def make_ctx(model, x0, feats):
 
 def test_target_is_the_patchified_input_with_smooth_l1(tiny_model):
     model = tiny_model(input_size=4, in_channels=2)           # p=2: 4 tokens of 2*2*2 = 8 values
-    reg = SRA2(SRA2Config(layer=2), model)
+    reg = SRA2(SRA2Config(layer=2), model.config)
     reg.head = nn.Identity()                                   # look at the loss alone
     x0 = torch.arange(32.0).view(1, 2, 4, 4)
     # token 0 is the top-left 2x2 patch, channels last within a pixel (the final layer's layout)
@@ -30,17 +32,17 @@ def test_target_is_the_patchified_input_with_smooth_l1(tiny_model):
 
 def test_head_shape_presets_and_checks(tiny_model):
     model = tiny_model(input_size=8, in_channels=4)
-    reg = REGISTRY["sra2"][1](SRA2Config(layer=2), model)
+    reg = REGISTRY["sra2"].regularizer(SRA2Config(layer=2), model.config)
     assert reg.head[0].in_features == 128 and reg.head[-1].out_features == 2 * 2 * 4
     assert not reg.needs_teacher() and not reg.needs_images() and reg.student_layers() == (2,)
     assert SRA2Config.for_model("SiT-XL/2").layer == 8 and SRA2Config.for_model("SiT-B/2").layer == 3
-    with pytest.raises(ValueError, match="sra2.layer"):
+    with pytest.raises(ConfigError, match=r"^sra2.layer=9 must be a block in 1..6$"):
         SRA2Config(layer=9).validate(depth=6)
 
 
 def test_gradients_reach_blocks_up_to_the_layer_and_the_head(tiny_model):
     model = tiny_model(in_channels=2)
-    reg = SRA2(SRA2Config(layer=2, hidden_dim=32), model)
+    reg = SRA2(SRA2Config(layer=2, hidden_dim=32), model.config)
     step = TrainingStep(model, FlowObjective(), {"sra2": reg})
     _, terms = step(torch.randn(3, 2, 8, 8), torch.arange(3), generator=torch.Generator().manual_seed(0))
     terms["sra2"].backward()

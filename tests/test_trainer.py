@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from selfalign.cli import main
 from selfalign.config.experiment import load_config
+from selfalign.errors import CheckpointError, UsageError
 from selfalign.formats.checkpoint import latest_checkpoint, list_checkpoints
 from selfalign.runs import load_for_inference
 from selfalign.training.metrics import read_metrics
@@ -86,9 +87,9 @@ def test_resume_is_bitwise_identical(tmp_path):
 
 def test_resume_refuses_a_different_run(tmp_path):
     train(load_config(tiny(3)), tmp_path, log=quiet)
-    with pytest.raises(ValueError, match="train.lr"):
+    with pytest.raises(CheckpointError, match="train.lr"):
         train(load_config(tiny(6, lr=5e-4)), tmp_path, resume="auto", log=quiet)
-    with pytest.raises(ValueError, match="--resume auto"):
+    with pytest.raises(UsageError, match="--resume auto"):
         train(load_config(tiny(6)), tmp_path, log=quiet)
 
 

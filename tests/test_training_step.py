@@ -7,8 +7,9 @@ import torch
 from selfalign.ema import EMA
 from selfalign.models import drop_labels
 from selfalign.objectives import FlowObjective
-from selfalign.regularizers import SRA, SRAConfig
-from selfalign.regularizers.base import Progress, Regularizer
+from selfalign.models.backbone import BackboneConfig
+from selfalign.regularizers.base import Progress, Regularizer, RegularizerConfig
+from selfalign.regularizers.sra import SRA, SRAConfig
 from selfalign.training.step import TrainingStep
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -19,10 +20,8 @@ NUM_CLASSES = 10
 class Probe(Regularizer):
     """A regularizer that taps blocks, changes the student's input in prepare(), and records."""
 
-    name = "probe"
-
     def __init__(self, layers=(1, 5), per_token=False):
-        super().__init__()
+        super().__init__(RegularizerConfig(), BackboneConfig())   # no settings of its own
         self.layers, self.per_token, self.seen = tuple(layers), per_token, []
         self.scale = torch.nn.Parameter(torch.ones(()))
 
@@ -64,7 +63,7 @@ def data(batch=6, seed=0):
 def test_one_student_forward_tapping_the_union_of_layers(tiny_model):
     probe = Probe(layers=(1, 5))
     model = tiny_model("SiT-T/2", input_size=8, in_channels=2, num_classes=NUM_CLASSES)
-    sra = SRA(SRAConfig(student_layer=2, teacher_layer=4), 128, 6)
+    sra = SRA(SRAConfig(student_layer=2, teacher_layer=4), model.config)
     step = TrainingStep(model, FlowObjective(), {"sra": sra, "probe": probe})
     ema = EMA(model)
     calls = record_student(model)
@@ -95,7 +94,8 @@ def test_generative_loss_is_the_velocity_regression(tiny_model):
 
 
 def test_same_generator_seed_same_loss_and_no_global_rng_use(tiny_model):
-    model, step = make_step(tiny_model, {"sra": SRA(SRAConfig(student_layer=2, teacher_layer=4), 128, 6)})
+    sra = SRA(SRAConfig(student_layer=2, teacher_layer=4), BackboneConfig(hidden_size=128, depth=6))
+    model, step = make_step(tiny_model, {"sra": sra})
     ema = EMA(model)
     x0, y = data()
     state = torch.get_rng_state()

@@ -16,7 +16,7 @@ from selfalign.training.metrics import read_metrics  # noqa: E402
 
 METRICS = ("fd", "accuracy", "precision", "recall")
 MAIN_ARMS = ("vanilla", "sra", "repa")
-# ablation arm -> (its reference arm, the paper's ordering, SiT-B/2 400K FID, SPEC section 5)
+# ablation arm -> (its reference arm, the SRA paper's ordering with its SiT-B/2 FIDs at 400K iterations)
 ABLATION_REFERENCES = {
     "sra_layers": ("sra", "3->8 better than 3->3 (29.10 vs 37.08)"),
     "sra_no_head": ("sra", "head better than no head (29.10 vs 34.23)"),

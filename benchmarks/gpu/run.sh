@@ -3,6 +3,8 @@
 #
 #   PYTHONPATH=src bash benchmarks/gpu/run.sh                  # on a CUDA machine (H100 / H200)
 #   PYTHONPATH=src bash benchmarks/gpu/run.sh --cpu-dry-run    # tiny settings on a CPU: every path
+#   PYTHONPATH=src bash benchmarks/gpu/run.sh --tiny           # the dry run without torch.compile rows and
+#                                                              # with the trainer check's --tiny size (the tests)
 #
 # Stages, most wanted first: training step SiT-XL/2 at 256 px (4x32x32 synthetic latents, bf16,
 # largest batch that fits, all toggles, MFU against a bf16 matmul timed in the same process); the
@@ -16,12 +18,14 @@ set -u -o pipefail
 cd "$(dirname "$0")/../.."
 
 DRY=0
+TINY=0
 STAGES="xl2,trainer_check,sampling,b2,vae"
 for arg in "$@"; do
   case "$arg" in
     --cpu-dry-run) DRY=1 ;;
+    --tiny) DRY=1; TINY=1 ;;
     --stages=*) STAGES="${arg#--stages=}" ;;
-    *) echo "usage: $0 [--cpu-dry-run] [--stages=xl2,trainer_check,sampling,b2,vae]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--cpu-dry-run | --tiny] [--stages=xl2,trainer_check,sampling,b2,vae]" >&2; exit 2 ;;
   esac
 done
 wanted() { case ",$STAGES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
@@ -33,8 +37,8 @@ CHECK_BUDGET_S=${BENCH_CHECK_BUDGET_S:-140}
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results/gpu-run-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
-# $OUT holds only the result JSON files and ONE log (run.log): the device tool brings back at most
-# 8 files. Each stage's log is written apart, then appended to run.log when the stage ends.
+# $OUT holds only the result JSON files and one log (run.log), a handful of files to copy back.
+# Each stage's log is written apart, then appended to run.log when the stage ends.
 LOG="$OUT/run.log"
 STAGE_LOGS=$(mktemp -d)
 START=$(date +%s)
@@ -64,9 +68,15 @@ stage() {  # stage NAME SOFT_BUDGET_S command...
 
 if [ "$DRY" -eq 1 ]; then
   echo "cpu dry run: tiny settings, every code path, numbers meaningless"
+  NO_COMPILE=""
+  CHECK_SIZE=--cpu-dry-run
+  if [ "$TINY" -eq 1 ]; then
+    NO_COMPILE=--no-compile
+    CHECK_SIZE=--tiny
+  fi
   wanted xl2 && stage train_step_dry 600 python benchmarks/train_step.py --preset dry --device cpu \
-    --compile-reserve-s 0 --toggles "$XL2_TOGGLES"
-  wanted trainer_check && stage trainer_check_dry 300 python benchmarks/gpu/trainer_check.py --cpu-dry-run
+    --compile-reserve-s 0 --toggles "$XL2_TOGGLES" $NO_COMPILE
+  wanted trainer_check && stage trainer_check_dry 300 python benchmarks/gpu/trainer_check.py $CHECK_SIZE
   wanted sampling && stage sampling_dry 120 python benchmarks/sampling.py --preset dry
 else
   if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -89,7 +99,7 @@ if ! wanted vae; then
 elif [ ! -f benchmarks/gpu/vae_encode.py ]; then
   echo "== vae_encode: skipped, benchmarks/gpu/vae_encode.py is not in this checkout" | tee -a "$LOG"
 elif ! python -c "import diffusers" > /dev/null 2>&1; then
-  echo "== vae_encode: skipped, diffusers is not importable here (no network installs; the device tool can carry its wheel)" | tee -a "$LOG"
+  echo "== vae_encode: skipped, diffusers is not importable here (install it, e.g. from a carried wheel, to measure it)" | tee -a "$LOG"
 elif [ "$DRY" -eq 1 ]; then
   stage vae_encode 120 python benchmarks/gpu/vae_encode.py --cpu-dry-run
 else

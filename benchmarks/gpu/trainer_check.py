@@ -14,7 +14,11 @@ and a resume without the compile cache (``img_per_s_median_by_phase`` compares t
 Needs the Fashion-MNIST IDX files: ``$SELFALIGN_FASHION_MNIST`` or the Debian package's folder.
 
     PYTHONPATH=src python benchmarks/gpu/trainer_check.py --out $OUT
-    PYTHONPATH=src python benchmarks/gpu/trainer_check.py --cpu-dry-run     # tiny, on a CPU
+    PYTHONPATH=src python benchmarks/gpu/trainer_check.py --cpu-dry-run     # SiT-T/4, on a CPU
+    PYTHONPATH=src python benchmarks/gpu/trainer_check.py --tiny            # the test suite's size
+
+``--tiny`` is the dry run at the smallest size: SiT-T/8, batch 8, no evaluation, no fp8
+accuracy and no control runs (each would be one more process); its checks are the same.
 """
 from __future__ import annotations
 
@@ -27,13 +31,38 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # benchmarks/common.py
-from common import environment, pick_device, write_json  # noqa: E402
+from common import environment, write_json  # noqa: E402
 
+from selfalign.devices import pick_device  # noqa: E402
 from selfalign.models.fp8 import fp8_unavailable_reason  # noqa: E402
 from selfalign.training.metrics import read_metrics  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Size:
+    preset: str
+    device: str
+    batch: int
+    steps: int                  # of the first run; the resume goes on to 1.5 times as many
+    log_every_steps: int
+    eval_samples: int           # 0: no in-loop evaluation
+    samples: int
+    sample_steps: int
+    extra: tuple = ()           # more --set overrides
+    measurements: bool = True   # the fp8 accuracy and the control runs
+
+
+SIZES = {
+    "gpu": Size("fmnist-gpu-small-sra", "cuda", 256, 200, 20, 1000, 200, 50, ("train.compile=true",)),
+    "dry": Size("fmnist-cpu-tiny-sra", "cpu", 64, 4, 20, 50, 20, 50),
+    # lr 1e-3: the loss must fall within six steps of a tiny model
+    "tiny": Size("fmnist-cpu-tiny-sra", "cpu", 8, 4, 1, 0, 4, 4, ("model.preset=SiT-T/8", "train.lr=1e-3"),
+                 measurements=False),
+}
 
 
 def run(cmd: list[str], log: list[str], timeout: float, env: dict | None = None) -> tuple[int, float]:
@@ -62,17 +91,18 @@ def median_rate(train_records: list[dict]) -> float | None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu-dry-run", action="store_true", help="SiT-T/4 on the CPU, a few steps")
+    p.add_argument("--tiny", action="store_true", help="the dry run at the test suite's size (see above)")
     p.add_argument("--kimg", type=float, default=None, help="images of the first run, thousands")
     p.add_argument("--budget-s", type=float, default=240.0, help="whole check, seconds")
     p.add_argument("--out", default=os.environ.get("OUT"), help="JSON file or folder")
     args = p.parse_args(argv)
-    dry = args.cpu_dry_run
-    device = pick_device("cpu" if dry else "cuda")
-    preset = "fmnist-cpu-tiny-sra" if dry else "fmnist-gpu-small-sra"
-    batch = 64 if dry else 256
-    kimg = args.kimg or (batch * 4 / 1000 if dry else batch * 200 / 1000)     # 4 / 200 steps
+    size = SIZES["tiny" if args.tiny else "dry" if args.cpu_dry_run else "gpu"]
+    dry = size.device == "cpu"
+    device = pick_device(size.device)
+    preset, batch = size.preset, size.batch
+    kimg = args.kimg or batch * size.steps / 1000
     half, longer = kimg / 2, kimg * 1.5
-    n_samples = 20 if dry else 200
+    n_samples = size.samples
     began = time.perf_counter()
     left = lambda: args.budget_s - (time.perf_counter() - began)
     cli = [sys.executable, "-m", "selfalign.cli"]
@@ -80,11 +110,13 @@ def main(argv=None) -> int:
     checks: dict[str, bool] = {}
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        common = ["--run-dir", str(run_dir), "--set", f"train.device={device.type}",
-                  "--set", f"train.ckpt_every_kimg={half}", "--set", f"train.log_every_kimg={batch * 20 / 1000}",
-                  "--set", f"train.eval_every_kimg={kimg}", "--set", f"train.eval_samples={50 if dry else 1000}",
-                  "--set", "train.sample_every_kimg=0", "--set", "logging.progress_bar=false",
-                  "--set", "logging.tensorboard=false", "--set", f"train.compile={'false' if dry else 'true'}"]
+        evaluation = ([f"train.eval_every_kimg={kimg}", f"train.eval_samples={size.eval_samples}"]
+                      if size.eval_samples else ["train.eval_every_kimg=0"])
+        settings = [f"train.device={device.type}", f"train.batch_size={batch}", f"train.ckpt_every_kimg={half}",
+                    f"train.log_every_kimg={batch * size.log_every_steps / 1000}", *evaluation,
+                    "train.sample_every_kimg=0", "logging.progress_bar=false", "logging.tensorboard=false",
+                    *size.extra]
+        common = ["--run-dir", str(run_dir)] + [arg for setting in settings for arg in ("--set", setting)]
         code, first_s = run(cli + ["train", preset, *common, "--set", f"train.total_kimg={kimg}"], log, left())
         checks["train"] = code == 0
         first_records = records(run_dir, "train")
@@ -102,7 +134,7 @@ def main(argv=None) -> int:
         checks["loss_falls"] = len(losses) >= 2 and losses[-1] < losses[0]
         out_dir = Path(tmp) / "samples"
         code, sample_s = run(cli + ["sample", str(run_dir), "--out", str(out_dir), "-n", str(n_samples), "--sampler", "euler",
-                                    "--steps", "50", "--cfg-scale", "1.5", "--guidance-interval", "0", "0.7",
+                                    "--steps", str(size.sample_steps), "--cfg-scale", "1.5", "--guidance-interval", "0", "0.7",
                                     "--class-balanced", "--batch-size", "100", "--device", device.type,
                                     "--no-progress"], log, left())
         checks["sample"] = code == 0 and (out_dir / "samples.npz").is_file()
@@ -114,7 +146,7 @@ def main(argv=None) -> int:
         evals = records(run_dir, "eval")
         # Not checks, measurements. fp8: how far the fp8 teacher's targets are from fp32 ones on the
         # model just trained (the CUDA kernel's numerics), and the real trainer with that teacher.
-        fp8_missing = fp8_unavailable_reason(device)
+        fp8_missing = fp8_unavailable_reason(device) if size.measurements else "not measured at the --tiny size"
         fp8_accuracy = {"status": f"skipped: {fp8_missing}"} if fp8_missing else None
         if fp8_accuracy is None:
             accuracy_json = Path(tmp) / "fp8_accuracy.json"
@@ -124,7 +156,7 @@ def main(argv=None) -> int:
             fp8_accuracy = (json.loads(accuracy_json.read_text())["rows"] if code == 0 and accuracy_json.is_file()
                             else {"status": f"exit {code}"})
         # The resumed run was 35 % slower than the first on an H200 (results/gpu-NVIDIA-H200-20261126):
-        # a fresh run in the now warm compile cache, and a resume that cannot use that cache, tell
+        # a fresh run in the warm compile cache, and a resume that cannot use that cache, tell
         # "after a resume" apart from "in a second process". The fp8 run is compared with the fresh
         # one (both later processes), not with the first run.
         controls = {}
@@ -134,6 +166,9 @@ def main(argv=None) -> int:
                                         "--set", "regularizers.sra.teacher_precision=fp8"], {}),
                 ("resume_no_compile_cache", True, ["--set", f"train.total_kimg={longer + half}"],
                  {"TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"})):
+            if not size.measurements:
+                controls[name] = {"status": "skipped: not run at the --tiny size"}
+                continue
             if name == "fp8_teacher" and fp8_missing:
                 controls[name] = {"status": f"skipped: {fp8_missing}"}
                 continue

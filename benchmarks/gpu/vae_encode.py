@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # benchmarks/common.py
-from common import environment, pick_device, summary, timed, write_json  # noqa: E402
+from common import environment, summary, timed, write_json  # noqa: E402
 
 from selfalign.data.vae import LatentVAE, sd_vae_config, tiny_vae_config  # noqa: E402
+from selfalign.devices import pick_device  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

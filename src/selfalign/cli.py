@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except (SelfalignError, ValueError, FileNotFoundError) as err:   # narrowed to SelfalignError once every user error raises one
+    except SelfalignError as err:
         # A user's mistake (config, flag, data, checkpoint, path): the message already says what
         # is wrong and how to fix it.
         print(f"selfalign {args.command}: error: {err}", file=sys.stderr)
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
               f"please report it with the traceback above", file=sys.stderr)
         return 1
     return int(result or 0)
+
 
 if __name__ == "__main__":
     sys.exit(main())

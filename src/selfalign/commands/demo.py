@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UsageError
+
 
 @dataclass(frozen=True)
 class DemoRun:
@@ -115,14 +117,13 @@ def estimate_seconds(plan: Plan, step_seconds: list[float]) -> float:
 def run(args) -> int:
     import torch
 
-    from ..training.distributed import pick_device
+    from ..devices import pick_device
 
     began = time.time()
     plan = plan_from_args(args)
     device = pick_device(args.device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        from ..errors import UsageError
         raise UsageError(f"--out {out} is a file; give a directory (a new one, or the demo to continue)")
     configs = run_configs(plan, str(device), progress_bar=sys.stderr.isatty())
     torch.manual_seed(0)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import UsageError
+
 _SOURCE_HELP = "an .npz of samples (arr_0), a folder of images, or fashion-mnist[:train|test]"
 
 
@@ -66,7 +68,7 @@ def _inception_args(p) -> None:
 
 
 def _device(name: str):
-    from ..training.distributed import pick_device
+    from ..devices import pick_device
     return pick_device(name)
 
 
@@ -100,10 +102,10 @@ def run_ref(args) -> int:
     from ..evaluation.metrics import inception_activations
 
     if not args.out.endswith(".npz"):
-        raise ValueError(f"--out {args.out}: a reference batch is an .npz file")
-    source = open_source(args.source, args.resolution)
+        raise UsageError(f"--out {args.out}: a reference batch is an .npz file")
     if args.pr_count < 0:
-        raise ValueError(f"--pr-count must be >= 0, got {args.pr_count}")
+        raise UsageError(f"--pr-count must be >= 0, got {args.pr_count}")
+    source = open_source(args.source, args.resolution)
     network = InceptionV3(args.inception, _device(args.device))
     acts = inception_activations(network, source, args.batch_size, args.limit, not args.no_progress)
     keep = min(args.pr_count, len(acts.pool))
@@ -141,6 +143,14 @@ def run_indomain(args) -> int:
     return 0
 
 
+def _noise_level(text: str) -> float:
+    """A ``--t`` value: a noise level in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: noise levels are in [0, 1] (0 = data, 1 = noise)")
+    return value
+
+
 def _representation_parsers(tasks, fmt) -> None:
     def common(p, many: bool = False):
         if many:
@@ -154,7 +164,7 @@ def _representation_parsers(tasks, fmt) -> None:
 
     pr = tasks.add_parser("probe", help="linear probing of block features at noise level t", formatter_class=fmt)
     common(pr, many=True)
-    pr.add_argument("--t", type=float, default=0.1, help="noise level (0 = data, 1 = noise)")
+    pr.add_argument("--t", type=_noise_level, default=0.1, help="noise level (0 = data, 1 = noise)")
     pr.add_argument("--train-count", type=int, default=10000,
                     help="training images of the probe (at most what the data has left after the test split)")
     pr.add_argument("--test-count", type=int, default=2000,
@@ -167,10 +177,10 @@ def _representation_parsers(tasks, fmt) -> None:
     ck = tasks.add_parser("cknna", help="CKNNA alignment of block features with a target feature set",
                           formatter_class=fmt)
     common(ck)
-    ck.add_argument("--t", type=float, default=0.1, help="noise level of the model's features")
+    ck.add_argument("--t", type=_noise_level, default=0.1, help="noise level of the model's features")
     ck.add_argument("--target", default="classifier",
                     help="classifier | block:N (this model's block N) | CHECKPOINT:N (another model's)")
-    ck.add_argument("--target-t", type=float, default=None, help="noise level of a block target (default: --t)")
+    ck.add_argument("--target-t", type=_noise_level, default=None, help="noise level of a block target (default: --t)")
     ck.add_argument("--count", type=int, default=2000, help="images (at most what the data has)")
     ck.add_argument("--topk", type=int, default=10, help="mutual nearest neighbours (REPA: 10)")
     ck.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -179,7 +189,7 @@ def _representation_parsers(tasks, fmt) -> None:
     pc = tasks.add_parser("pca", help="PCA maps of block features as RGB, layers x noise levels",
                           formatter_class=fmt)
     common(pc)
-    pc.add_argument("--t", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="noise levels")
+    pc.add_argument("--t", type=_noise_level, nargs="+", default=[0.1, 0.5, 0.9], help="noise levels")
     pc.add_argument("--count", type=int, default=4, help="images")
     pc.add_argument("--out", default="pca.png", help="output PNG")
     pc.set_defaults(func=run_pca)
@@ -192,13 +202,26 @@ def _load_checkpoint(path, args):
     return model, objective, config, device
 
 
+def parse_layers(text: str | None, depth: int) -> list[int]:
+    """``--layers``: ``"all"``/None -> 1..depth; ``"2,4,8"`` -> [2, 4, 8] (1-based, checked)."""
+    if not text or text == "all":
+        return list(range(1, depth + 1))
+    try:
+        layers = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise UsageError(f"--layers {text!r}: expected 'all' or comma-separated block numbers like 2,4,8") from None
+    if not layers or layers[0] < 1 or layers[-1] > depth:
+        raise UsageError(f"--layers {text!r}: blocks are numbered 1..{depth} for this model")
+    return layers
+
+
 def run_probe(args) -> int:
     from pathlib import Path
 
-    from ..evaluation.analysis import parse_layers, probe_checkpoint, save_probe_plot
+    from ..evaluation.analysis import probe_checkpoint, save_probe_plot
 
     if len(args.checkpoints) > 2:
-        raise ValueError("eval probe compares at most two checkpoints side by side")
+        raise UsageError("eval probe compares at most two checkpoints side by side")
     results, splits = {}, {}
     for path in args.checkpoints:
         model, objective, config, _ = _load_checkpoint(path, args)
@@ -221,18 +244,41 @@ def run_probe(args) -> int:
     return 0
 
 
+def cknna_target(text: str, model, objective, config, t: float, args):
+    """``--target``: ``classifier`` -> None; ``block:N`` -> block N of ``model``; ``CHECKPOINT:N`` ->
+    block N of that checkpoint's model (loaded like the first one)."""
+    from ..evaluation.analysis import BlockTarget
+
+    if text == "classifier":
+        if config.data.kind != "fashion_mnist":
+            raise UsageError(f"--target classifier needs a Fashion-MNIST run (this one is "
+                             f"{config.data.kind}); use block:N or CHECKPOINT:N")
+        return None
+    where, _, block = text.rpartition(":")
+    if not block.isdigit() or not where:
+        raise UsageError(f"--target {text!r}: use classifier, block:N or CHECKPOINT:N")
+    if where != "block":
+        model, objective, _, _ = _load_checkpoint(where, args)
+    if not 1 <= int(block) <= model.config.depth:
+        raise UsageError(f"--target {text!r}: blocks are numbered 1..{model.config.depth}")
+    return BlockTarget(model, objective, int(block), t)
+
+
 def run_cknna(args) -> int:
     from pathlib import Path
 
-    from ..evaluation.analysis import cknna_checkpoint, parse_layers
+    from ..evaluation.analysis import cknna_checkpoint
 
+    if not 2 <= args.topk < args.count - 1:
+        raise UsageError(f"--topk {args.topk} must be at least 2 and below --count - 1 ({args.count - 1})")
     model, objective, config, device = _load_checkpoint(args.checkpoint, args)
     layers = parse_layers(args.layers, model.config.depth)
     target_t = args.t if args.target_t is None else args.target_t
-    scores, count = cknna_checkpoint(model, objective, config, layers, args.t, args.target, target_t, args.count,
-                                     args.topk, args.seed, device)
+    target = cknna_target(args.target, model, objective, config, target_t, args)
+    scores, count = cknna_checkpoint(model, objective, config, layers, args.t, target, args.count, args.topk,
+                                     args.seed, device)
     print(f"CKNNA (k={args.topk}, {count} images) of blocks at t={args.t:g} with {args.target}"
-          + ("" if args.target == "classifier" else f" at t={target_t:g}"))
+          + ("" if target is None else f" at t={target_t:g}"))
     for layer, score in scores.items():
         print(f"block {layer:>3}: {score:.4f}")
     if args.json:
@@ -242,7 +288,7 @@ def run_cknna(args) -> int:
 
 
 def run_pca(args) -> int:
-    from ..evaluation.analysis import parse_layers, pca_checkpoint
+    from ..evaluation.analysis import pca_checkpoint
 
     model, objective, config, _ = _load_checkpoint(args.checkpoint, args)
     if args.layers is None:      # a handful of evenly spaced blocks reads better than all of them

@@ -1,6 +1,8 @@
 """``selfalign models``: every model preset with its parameter count."""
 from __future__ import annotations
 
+from ..errors import UsageError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("models", help="list model presets and their parameter counts")
@@ -22,7 +24,7 @@ def run(args) -> int:
     names = [name for name in preset_names() if args.filter in name
              and args.input_size % backbone_config(name).patch_size == 0]
     if not names:
-        raise ValueError(f"no preset matches --filter {args.filter!r} with --input-size "
+        raise UsageError(f"no preset matches --filter {args.filter!r} with --input-size "
                          f"{args.input_size} (the input size must be divisible by the patch size)")
     print(f"{'preset':<10} {'params':>10} {'published':>10} {'tokens':>6} {'SRA m->n':>9}")
     for name in names:

@@ -97,7 +97,7 @@ def run(args) -> int:
 
     from ..errors import UsageError
     from ..evaluation.report import write_report
-    from ..training.distributed import pick_device
+    from ..devices import pick_device
 
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else [""] * len(args.runs)
     if len(labels) != len(args.runs):

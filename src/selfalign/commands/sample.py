@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UsageError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="draw samples from a checkpoint into an ADM .npz",
@@ -70,7 +72,7 @@ def latent_decoder(config, vae_spec: str | None, device):
     elif index:
         vae = LatentVAE.for_dataset(index, device=device)
     else:
-        raise ValueError("this is a latent model but its data.path names no prepared dataset: pass --vae")
+        raise UsageError("this is a latent model but its data.path names no prepared dataset: pass --vae")
     return lambda x: vae.decode_uint8(x).numpy()
 
 
@@ -88,7 +90,7 @@ def run(args) -> int:
     rank = info.rank if args.rank is None else args.rank
     world = info.world_size if args.world_size is None else args.world_size
     if not 0 <= rank < world:
-        raise ValueError(f"--rank {rank} must be in [0, --world-size {world})")
+        raise UsageError(f"--rank {rank} must be in [0, --world-size {world})")
     checkpoint = resolve_checkpoint(args.checkpoint)      # a run dir's newest: fixed for resumes
     model, objective, config = load_for_inference(checkpoint, use_ema=not args.raw_weights)
     model = model.to(info.device).eval()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from ..errors import UsageError
+
 RUN_CONFIG = "config.yaml"      # written into every run directory when training starts
 
 
@@ -61,7 +63,6 @@ def config_of_run(run_dir, overrides, world_size: int):
     that may change on resume."""
     from ..config.experiment import load_config, may_change_on_resume
     from ..config.loader import parse_override
-    from ..errors import UsageError
     from ..formats.checkpoint import latest_checkpoint, read_state
 
     for text in overrides:
@@ -85,7 +86,6 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..config.experiment import load_config, preset_names
-    from ..errors import UsageError
     from ..training.distributed import world_size_from_env
 
     if args.list:
@@ -107,7 +107,8 @@ def run(args) -> int:
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--run-dir {run_dir} is a file; give a directory (a new one, or a run to resume)")
 
-    from ..training.trainer import TrainingStopped, train
+    from ..training.outcome import TrainingStopped
+    from ..training.trainer import train
     try:
         result = train(config, run_dir, args.resume)
     except TrainingStopped as err:

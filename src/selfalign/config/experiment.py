@@ -1,34 +1,34 @@
 """``ExperimentConfig``: the typed tree a training run is built from.
 
 Loaded strictly (unknown keys and wrong types are one-line errors naming the dotted key) from a
-YAML file or a preset name in ``selfalign/configs/``, with ``--set key=value`` overrides applied
-before typing. Regularizers are a mapping ``name -> that regularizer's config`` looked up in
+YAML file or a preset name in ``selfalign/configs/`` (either may name a ``base:``, see
+:mod:`.presets`), with ``--set key=value`` overrides applied before typing. Regularizers are a mapping ``name -> that regularizer's config`` looked up in
 ``regularizers.REGISTRY``; SRA's layers default to the paper's for the model preset.
 Values left ``null`` that follow from others (model input size and channels from the data) are
 filled in by :func:`load_config`, so a saved ``config.yaml`` is complete.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from ..data import describe_data as describe_data_facts
-from .loader import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from ..errors import ConfigError
+from ..models import backbone_config, parse_preset
 from ..objectives import ObjectiveConfig
+from ..regularizers import REGISTRY, RegularizerConfig
 from ..sampling.config import SamplerConfig
+from .loader import apply_overrides, from_dict, to_dict
+from .presets import PRESET_DIR, preset_names, read_config, resolve_config_path
 
-PRESET_DIR = Path(__file__).parent.parent / "configs"
-DATA_KINDS = ("fashion_mnist", "imagefolder", "latents")
-PRECISIONS = ("fp32", "bf16", "fp16")
-NONFINITE_POLICIES = ("skip", "stop")
-EVAL_METRICS = ("auto", "classifier", "inception", "none")   # selfalign.evaluation.training_eval
+__all__ = ["ExperimentConfig", "ModelConfig", "DataConfig", "TrainConfig", "LoggingConfig", "load_config",
+           "experiment_from_dict", "save_config", "resume_mismatch", "preset_names", "resolve_config_path",
+           "PRESET_DIR", "VAE_DOWNSAMPLE", "LATENT_CHANNELS", "RESUMABLE_CHANGES"]
 VAE_DOWNSAMPLE = 8          # SD-VAE: 256 px -> 32x32 latents
 LATENT_CHANNELS = 4
 DATA_DEFAULTS = {           # kind: (in_channels, num_classes) unless the config says otherwise
@@ -54,7 +54,6 @@ class ModelConfig:
     grad_checkpointing: bool = False
 
     def validate(self) -> None:
-        from ..models import parse_preset
         try:
             parse_preset(self.preset)
         except ValueError as err:
@@ -67,15 +66,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "fashion_mnist"         # fashion_mnist | imagefolder | latents
+    kind: Literal["fashion_mnist", "imagefolder", "latents"] = "fashion_mnist"
     path: str = ""                      # "" = the default location (Fashion-MNIST only)
     resolution: int = 32                # image size in pixels (latents: of the encoded images)
     hflip: bool = False                 # random horizontal flips, drawn from the step generator
     num_workers: int = 0                # DataLoader workers (0: load in the training process)
 
     def validate(self) -> None:
-        if self.kind not in DATA_KINDS:
-            raise ConfigError(f"data.kind={self.kind!r} is not one of {DATA_KINDS}")
         if self.resolution < 1:
             raise ConfigError(f"data.resolution must be >= 1, got {self.resolution}")
         if self.kind == "fashion_mnist" and (self.resolution < 28 or self.resolution % 2):
@@ -98,7 +95,7 @@ class TrainConfig:
     grad_clip: float = 1.0              # max global grad norm; 0 = no clipping
     ema_decay: float = 0.9999
     label_dropout: float = 0.1          # classifier-free guidance label dropout
-    precision: str = "fp32"             # fp32 | bf16 | fp16 (with loss scaling)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # fp16: with loss scaling
     tf32: bool = True
     compile: bool = False               # torch.compile the student and, when a regularizer needs one, the EMA teacher
     total_kimg: float = 100_000.0
@@ -109,9 +106,10 @@ class TrainConfig:
     sample_count: int = 64
     eval_every_kimg: float = 0.0        # evaluation.training_eval; 0 = never
     eval_samples: int = 1000
-    eval_metrics: str = "auto"          # auto | classifier | inception | none (auto: classifier on Fashion-MNIST)
+    # the metrics of evaluation.training_eval; auto: classifier on Fashion-MNIST, else inception
+    eval_metrics: Literal["auto", "classifier", "inception", "none"] = "auto"
     seed: int = 0
-    nonfinite: str = "skip"             # skip | stop
+    nonfinite: Literal["skip", "stop"] = "skip"   # a non-finite loss: skip the step, or stop
     max_consecutive_bad: int = 10       # skip policy: stop after this many bad steps in a row
     device: str = "auto"                # auto | cpu | cuda
 
@@ -132,12 +130,6 @@ class TrainConfig:
         for key in ("ema_decay", "label_dropout"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"train.{key} must be in [0, 1], got {getattr(self, key)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"train.precision={self.precision!r} is not one of {PRECISIONS}")
-        if self.eval_metrics not in EVAL_METRICS:
-            raise ConfigError(f"train.eval_metrics={self.eval_metrics!r} is not one of {EVAL_METRICS}")
-        if self.nonfinite not in NONFINITE_POLICIES:
-            raise ConfigError(f"train.nonfinite={self.nonfinite!r} is not one of {NONFINITE_POLICIES}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"train.device={self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.seed < 0:
@@ -158,7 +150,7 @@ class ExperimentConfig:
     name: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    regularizers: dict[str, Any] = field(default_factory=dict)   # name -> its config dataclass
+    regularizers: dict[str, RegularizerConfig] = field(default_factory=dict)   # name -> its settings
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -167,7 +159,6 @@ class ExperimentConfig:
     # -- derived ---------------------------------------------------------------------------
     def backbone_config(self):
         """The model's :class:`~selfalign.models.BackboneConfig` (call after :func:`load_config`)."""
-        from ..models import backbone_config
         m = self.model
         extra = {} if m.learn_sigma is None else {"learn_sigma": m.learn_sigma}
         return backbone_config(m.preset, input_size=m.input_size, in_channels=m.in_channels,
@@ -208,15 +199,9 @@ class ExperimentConfig:
                               f" (learn_sigma={o.learn_sigma}); leave model.learn_sigma unset")
         depth = self.backbone_config().depth
         for name, reg in self.regularizers.items():
-            validate_fn = getattr(reg, "validate", None)
-            if validate_fn is None:
-                continue
             try:
-                if "depth" in inspect.signature(validate_fn).parameters:
-                    validate_fn(depth=depth)
-                else:
-                    validate_fn()
-            except ValueError as err:
+                reg.validate(depth)
+            except ConfigError as err:
                 raise ConfigError(_regularizer_key(name, str(err))) from None
         if self.sampler is not None:
             try:
@@ -233,8 +218,9 @@ def _regularizer_key(name: str, message: str) -> str:
     return f"regularizers.{message}" if message.startswith(f"{name}.") else f"regularizers.{name}: {message}"
 
 
-def _load_regularizers(raw: Any, preset: str) -> dict[str, Any]:
-    from ..regularizers import REGISTRY
+def _load_regularizers(raw: Any, preset: str) -> dict[str, RegularizerConfig]:
+    """Type each ``name: settings`` over the regularizer's defaults for the model preset;
+    :meth:`ExperimentConfig.check` validates them against the model's depth."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -247,19 +233,10 @@ def _load_regularizers(raw: Any, preset: str) -> dict[str, Any]:
             settings = {}
         if not isinstance(settings, dict):
             raise ConfigError(f"regularizers.{name}: expected a mapping of settings, got {settings!r}")
-        config_class = REGISTRY[name][0]
-        base = {}
-        if hasattr(config_class, "for_model"):   # e.g. SRA's paper layers for this preset
-            try:
-                base = dataclasses.asdict(config_class.for_model(preset))
-            except ValueError:
-                base = {}
-        try:
-            configs[name] = from_dict(config_class, {**base, **settings}, f"regularizers.{name}")
-        except ConfigError as err:
-            message = str(err)
-            raise ConfigError(message if message.startswith("regularizers.")
-                              else _regularizer_key(name, message)) from None
+        config_class = REGISTRY[name].config
+        defaults = to_dict(config_class.for_model(preset))
+        configs[name] = from_dict(config_class, {**defaults, **settings}, f"regularizers.{name}",
+                                  validate=False)
     return configs
 
 
@@ -295,28 +272,11 @@ def experiment_from_dict(data: dict, world_size: int = 1, describe_data: bool = 
     return config
 
 
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def resolve_config_path(source: str | Path) -> Path:
-    """A YAML path as given, or a preset name (``sit-b2-sra-256``) from ``selfalign/configs``."""
-    path = Path(source)
-    if path.is_file():
-        return path
-    preset = PRESET_DIR / f"{source}.yaml"
-    if "/" not in str(source) and preset.is_file():
-        return preset
-    if str(source).endswith((".yaml", ".yml")) or "/" in str(source):
-        raise ConfigError(f"config file {str(source)!r} not found")
-    raise ConfigError(f"{str(source)!r} is neither a config file nor a preset; presets: "
-                      f"{', '.join(preset_names())}")
-
-
 def load_config(source: str | Path | dict, overrides: list[str] | tuple = (),
                 world_size: int = 1) -> ExperimentConfig:
-    """Load a YAML file, preset name or mapping, apply ``key=value`` overrides, type and validate."""
-    data = dict(source) if isinstance(source, dict) else load_yaml(resolve_config_path(source))
+    """Load a YAML file, preset name or mapping (its ``base:`` chain merged in), apply ``key=value``
+    overrides, type and validate."""
+    data = read_config(source)
     data = apply_overrides(json.loads(json.dumps(data, default=list)), list(overrides))
     return experiment_from_dict(data, world_size, describe_data=True)
 

@@ -1,8 +1,9 @@
 """Typed configuration: dataclasses loaded strictly from YAML/dicts, with ``key=value`` overrides.
 
 Every unknown key and every value of the wrong type is rejected with one line naming the dotted
-key (``train.lr: expected float, got 'abc'``). Dataclasses may define ``validate()`` for range
-checks; it is called after loading.
+key (``train.lr: expected float, got 'abc'``). A closed choice is a ``Literal`` field: the loader
+rejects anything else, and :func:`check_choices` does the same for a dataclass built in Python.
+Dataclasses may define ``validate()`` for range checks; it is called after loading.
 """
 from __future__ import annotations
 
@@ -57,10 +58,8 @@ def _coerce(value: Any, tp, key: str):
             raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} fields, got {value!r}")
         return from_dict(tp, value, key)
     if origin is typing.Literal:
-        choices = typing.get_args(tp)
-        if any(type(value) is type(c) and value == c for c in choices):   # True is not 1
-            return value
-        raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        _check_choice(value, typing.get_args(tp), key)
+        return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -98,8 +97,38 @@ def _coerce(value: Any, tp, key: str):
     raise ConfigError(f"{key}: unsupported config type {tp}")
 
 
-def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise :class:`ConfigError`."""
+def _check_choice(value: Any, choices: tuple, key: str) -> None:
+    if not any(type(value) is type(c) and value == c for c in choices):   # True is not 1
+        raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _literal_choices(tp) -> tuple[tuple, bool] | None:
+    """``(choices, None allowed)`` of ``Literal[...]`` or ``Literal[...] | None``; None for other types."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp), False
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and typing.get_origin(args[0]) is typing.Literal:
+            return typing.get_args(args[0]), True
+    return None
+
+
+def check_choices(obj, prefix: str) -> None:
+    """Every ``Literal`` field of dataclass ``obj`` holds one of its choices (as the loader checks);
+    for configs built in Python, which never went through :func:`from_dict`."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        literal = _literal_choices(hints[f.name])
+        value = getattr(obj, f.name)
+        if literal is not None and not (value is None and literal[1]):
+            _check_choice(value, literal[0], f"{prefix}.{f.name}")
+
+
+def from_dict(cls, data: dict, prefix: str = "", *, validate: bool = True):
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise :class:`ConfigError`.
+
+    ``validate=False`` leaves ``cls.validate`` to the caller, for checks that need more than the
+    mapping (a regularizer's ``validate(depth)``)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     if data is not None and not isinstance(data, dict):
@@ -120,7 +149,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
         dotted = f"{prefix}.{missing[0]}" if prefix else missing[0]
         raise ConfigError(f"{dotted}: required key missing")
     obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
+    if validate and hasattr(obj, "validate"):
         try:
             obj.validate()
         except ConfigError:

@@ -1,16 +1,19 @@
 """Training data: Fashion-MNIST (built in), ImageFolder (ADM center crop), cached latents.
 
-Every dataset returns whole batches from ``__getitems__(indices) -> (x, y)`` with ``x`` in model
-space; :mod:`.order` decides which indices a rank trains on at each step.
+Every dataset is a :class:`~.base.TrainingDataset`: whole batches from ``__getitems__(indices) ->
+(x, y)``; :mod:`.order` decides which indices a rank trains on at each step.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..formats.shards import load_index
+from .base import TrainingDataset
 from .fashion_mnist import FashionMNIST
 from .imagefolder import ImageFolder, describe_folder
+from .latents import build_latent_dataset
 from .order import DataOrder, step_batches
 from .transforms import center_crop_arr, model_to_uint8, uint8_to_model
 
@@ -39,7 +42,7 @@ def describe_data(config) -> DataFacts | None:
     return None
 
 
-def build_dataset(config, split: str = "train", with_images: bool = False):
+def build_dataset(config, split: str = "train", with_images: bool = False) -> TrainingDataset:
     """The dataset a :class:`~selfalign.config.DataConfig` describes; ``with_images`` asks a latent
     dataset for the raw pixels too (pixel datasets are images already)."""
     if config.kind == "fashion_mnist":
@@ -47,10 +50,10 @@ def build_dataset(config, split: str = "train", with_images: bool = False):
     if config.kind == "imagefolder":
         return ImageFolder(config.path, config.resolution)
     if config.kind == "latents":
-        from .latents import build_latent_dataset
         return build_latent_dataset(config, split, with_images=with_images)
-    raise ValueError(f"data.kind={config.kind!r} is not supported")
+    raise ConfigError(f"data.kind={config.kind!r} is not supported")
 
 
-__all__ = ["FashionMNIST", "ImageFolder", "DataOrder", "DataFacts", "step_batches", "build_dataset", "describe_data",
+__all__ = ["TrainingDataset", "FashionMNIST", "ImageFolder", "DataOrder", "DataFacts", "step_batches",
+           "build_dataset", "describe_data",
            "center_crop_arr", "model_to_uint8", "uint8_to_model"]

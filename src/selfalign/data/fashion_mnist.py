@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ConfigError, DataError
+from .base import TrainingDataset
 from .transforms import uint8_to_model
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -46,20 +48,20 @@ def read_idx(path: Path) -> np.ndarray:
         with gzip.open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as err:
-        raise ValueError(f"Fashion-MNIST file {path} is unreadable ({err}); {DOWNLOAD_HINT}") from None
+        raise DataError(f"Fashion-MNIST file {path} is unreadable ({err}); {DOWNLOAD_HINT}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes; {DOWNLOAD_HINT}")
+        raise DataError(f"{path} is not an IDX file of unsigned bytes; {DOWNLOAD_HINT}")
     ndim = raw[3]
     dims = struct.unpack(f">{ndim}I", raw[4: 4 + 4 * ndim])
     expected = int(np.prod(dims))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != expected:
-        raise ValueError(f"{path} is truncated: header says {dims} ({expected} bytes), found "
-                         f"{data.size}; {DOWNLOAD_HINT}")
+        raise DataError(f"{path} is truncated: header says {dims} ({expected} bytes), found "
+                        f"{data.size}; {DOWNLOAD_HINT}")
     return data.reshape(dims)
 
 
-class FashionMNIST(torch.utils.data.Dataset):
+class FashionMNIST(TrainingDataset):
     """One split in memory: ``images`` uint8 ``(N, 1, S, S)``, ``labels`` int64 ``(N,)``.
 
     ``dataset[i]`` -> (image float32 ``(1, S, S)`` in [-1, 1], label); batched access through
@@ -72,23 +74,23 @@ class FashionMNIST(torch.utils.data.Dataset):
     def __init__(self, split: str = "train", path: str | os.PathLike | None = None,
                  resolution: int = 32):
         if split not in FILES:
-            raise ValueError(f"Fashion-MNIST split must be one of {tuple(FILES)}, got {split!r}")
+            raise DataError(f"Fashion-MNIST split must be one of {tuple(FILES)}, got {split!r}")
         if resolution < NATIVE_SIZE or (resolution - NATIVE_SIZE) % 2:
-            raise ValueError(f"data.resolution={resolution} does not fit Fashion-MNIST: use an even "
-                             f"size >= {NATIVE_SIZE} (images are padded, default 32)")
+            raise ConfigError(f"data.resolution={resolution} does not fit Fashion-MNIST: use an even "
+                              f"size >= {NATIVE_SIZE} (images are padded, default 32)")
         root = resolve_dir(path)
         image_file, label_file = (root / name for name in FILES[split])
         missing = [str(p) for p in (image_file, label_file) if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"Fashion-MNIST not found ({missing[0]} is missing); {DOWNLOAD_HINT}")
+            raise DataError(f"Fashion-MNIST not found ({missing[0]} is missing); {DOWNLOAD_HINT}")
         images, labels = read_idx(image_file), read_idx(label_file)
         if images.ndim != 3 or images.shape[1:] != (NATIVE_SIZE, NATIVE_SIZE):
-            raise ValueError(f"{image_file}: expected images of {NATIVE_SIZE}x{NATIVE_SIZE}, got shape {images.shape}")
+            raise DataError(f"{image_file}: expected images of {NATIVE_SIZE}x{NATIVE_SIZE}, got shape {images.shape}")
         if labels.shape != (images.shape[0],):
-            raise ValueError(f"{label_file}: {labels.shape[0]} labels for {images.shape[0]} images")
+            raise DataError(f"{label_file}: {labels.shape[0]} labels for {images.shape[0]} images")
         if labels.size and labels.max() >= NUM_CLASSES:
             bad = int(np.argmax(labels >= NUM_CLASSES))
-            raise ValueError(f"{label_file}: label {labels[bad]} at index {bad} is outside 0..{NUM_CLASSES - 1}")
+            raise DataError(f"{label_file}: label {labels[bad]} at index {bad} is outside 0..{NUM_CLASSES - 1}")
         pad = (resolution - NATIVE_SIZE) // 2
         tensor = torch.from_numpy(images.copy())[:, None]
         self.images = torch.nn.functional.pad(tensor, (pad, pad, pad, pad), value=0)
@@ -104,7 +106,3 @@ class FashionMNIST(torch.utils.data.Dataset):
     def __getitems__(self, indices):
         index = torch.as_tensor(indices, dtype=torch.long)
         return uint8_to_model(self.images[index]), self.labels[index]
-
-    def uint8_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long)
-        return self.images[index], self.labels[index]

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from .base import TrainingDataset
 from .transforms import center_crop_arr, uint8_to_model
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -93,7 +94,7 @@ def describe_folder(root: str | os.PathLike) -> FolderSummary:
     return FolderSummary(root, tuple(classes), len(samples), channels, tuple(smallest), tuple(samples))
 
 
-class ImageFolder(torch.utils.data.Dataset):
+class ImageFolder(TrainingDataset):
     """Images ADM center-cropped to ``resolution``, in [-1, 1], with integer class labels.
 
     ``channels`` is 1 (grayscale) or 3 (RGB); by default the folder decides
@@ -101,7 +102,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __init__(self, root: str | os.PathLike, resolution: int, channels: int | None = None):
         if resolution < 1:
-            raise DataError(f"data.resolution must be >= 1, got {resolution}")
+            raise ConfigError(f"data.resolution must be >= 1, got {resolution}")
         self.root = Path(root)
         self.resolution = resolution
         self.summary = describe_folder(self.root)

@@ -18,10 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
+from ..errors import ConfigError, DataError
 from ..formats import shards as fmt
-from .vae import LatentScaling
+from .base import TrainingDataset
+from .sources import ImageReader
 from .transforms import uint8_to_model
+from .vae import LatentScaling, LatentVAE
 
 VERIFY_MODES = ("auto", "full", "lazy", "size")
 AUTO_FULL_BYTES = 2 << 30
@@ -37,13 +41,15 @@ def draw_x0(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | 
     return (scaling or LatentScaling.constant()).to_model(mean.float() + std.float() * eps)
 
 
-class LatentDataset(torch.utils.data.Dataset):
+class LatentDataset(TrainingDataset):
     """Prepared latents: ``dataset[i] -> (mean, std, label)`` (``+ image`` with ``with_images``).
 
     ``__getitems__(indices)`` returns the trainer's batch ``(moments, labels[, images])`` with
     ``moments = cat([mean, std], dim=1)``; :meth:`to_model` turns it into the model input. Images
     are float in [-1, 1] ``(B, 3, H, W)`` like :class:`selfalign.data.imagefolder.ImageFolder`.
     """
+
+    flippable = False
 
     def __init__(self, root: str | os.PathLike, *, use_flips: bool = False, with_images: bool = False,
                  verify: str = "auto", normalization: str = "scale"):
@@ -52,13 +58,13 @@ class LatentDataset(torch.utils.data.Dataset):
         self.root = Path(root).expanduser()
         self.index = fmt.load_index(self.root)
         if use_flips and not self.index["flipped"]:
-            raise ValueError(f"latent dataset {str(self.root)!r} has no flipped copies; prepare it with --flip "
-                             f"or turn flips off")
+            raise DataError(f"latent dataset {str(self.root)!r} has no flipped copies; prepare it with --flip "
+                            f"or turn flips off")
         self.use_flips, self.with_images = use_flips, with_images
         self.scaling = LatentScaling.from_index(self.index, normalization)
         self.shards = [s for s in self.index["shards"] if s["count"] > 0]
         if not self.shards:
-            raise ValueError(f"latent dataset {str(self.root)!r} holds no images")
+            raise DataError(f"latent dataset {str(self.root)!r} holds no images")
         self.offsets = np.cumsum([0] + [s["count"] for s in self.shards])
         self.labels = torch.tensor([l for s in self.shards for l in s["labels"]], dtype=torch.long)
         self.count = int(self.offsets[-1])
@@ -122,12 +128,11 @@ class LatentDataset(torch.utils.data.Dataset):
                 self._verified.add(shard)
             path = self.root / entry["file"]
             if self.index["file_format"] == "safetensors":
-                from safetensors import safe_open
                 try:
                     self._handles[shard] = safe_open(str(path), framework="pt")
                 except Exception as err:
-                    raise ValueError(f"latent shard {str(path)!r} is unreadable ({err}); rerun "
-                                     f"`selfalign prepare` to rebuild it") from None
+                    raise DataError(f"latent shard {str(path)!r} is unreadable ({err}); rerun "
+                                    f"`selfalign prepare` to rebuild it") from None
             else:
                 self._handles[shard] = fmt.read_shard(path, "npy", self.index["flipped"])
             self._check_shapes(shard, self._handles[shard])
@@ -140,9 +145,9 @@ class LatentDataset(torch.utils.data.Dataset):
         if len(bad):
             index = int(bad[0])
             shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
-            raise ValueError(f"latent shard {str(self.root / self.shards[shard]['file'])!r}: label "
-                             f"{int(self.labels[index])} at index {index} is outside 0..{self.num_classes - 1} "
-                             f"(num_classes in index.json); rerun `selfalign prepare` to rebuild the dataset")
+            raise DataError(f"latent shard {str(self.root / self.shards[shard]['file'])!r}: label "
+                            f"{int(self.labels[index])} at index {index} is outside 0..{self.num_classes - 1} "
+                            f"(num_classes in index.json); rerun `selfalign prepare` to rebuild the dataset")
 
     def _check_shapes(self, shard: int, handle) -> None:
         """Every array of a shard is ``(count, *latent_shape)``; a misfit is named here, not in a batch."""
@@ -154,8 +159,8 @@ class LatentDataset(torch.utils.data.Dataset):
             except Exception:
                 shape = "missing"
             if shape != expected:
-                raise ValueError(f"latent shard {str(self.root / entry['file'])!r}: {key} has shape {shape}, "
-                                 f"index.json says {expected}; rerun `selfalign prepare` to rebuild it")
+                raise DataError(f"latent shard {str(self.root / entry['file'])!r}: {key} has shape {shape}, "
+                                f"index.json says {expected}; rerun `selfalign prepare` to rebuild it")
 
     def _row(self, shard: int, row: int, key: str) -> torch.Tensor:
         handle = self._handle(shard)
@@ -164,7 +169,6 @@ class LatentDataset(torch.utils.data.Dataset):
         return handle.get_slice(key)[row:row + 1][0]
 
     def _image(self, shard: int, row: int, flipped: bool) -> torch.Tensor:
-        from .sources import ImageReader
         if self._reader is None:
             source = self.index["source"]
             self._reader = ImageReader(source["root"], source["prefix"])
@@ -172,9 +176,9 @@ class LatentDataset(torch.utils.data.Dataset):
         try:
             array = self._reader.read_cropped(rel, self.image_size)
         except (OSError, ValueError, KeyError) as err:
-            raise ValueError(f"source image {rel!r} of latent dataset {str(self.root)!r} cannot be read "
-                             f"from {self.index['source']['root']!r} ({err}); raw images need the original "
-                             f"image folder in place") from None
+            raise DataError(f"source image {rel!r} of latent dataset {str(self.root)!r} cannot be read "
+                            f"from {self.index['source']['root']!r} ({err}); raw images need the original "
+                            f"image folder in place") from None
         image = torch.from_numpy(array.copy()).permute(2, 0, 1)
         return image.flip(-1) if flipped else image
 
@@ -215,7 +219,6 @@ class LatentDataset(torch.utils.data.Dataset):
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Model-space latents -> float images in [-1, 1] with the VAE the dataset was made with
         (loaded on first use, on ``x0``'s device): the trainer's sample grids call this."""
-        from .vae import LatentVAE
         if self._vae is None or self._vae.device != x0.device:
             self._vae = LatentVAE.for_dataset(self.index, device=x0.device)
             self._vae.scaling = self.scaling
@@ -232,14 +235,14 @@ def build_latent_dataset(config, split: str = "train", with_images: bool = False
     on the training device with the step's generator.
     """
     if split != "train":
-        raise ValueError(f"latent datasets have one split (the prepared folder), not {split!r}")
+        raise DataError(f"latent datasets have one split (the prepared folder), not {split!r}")
     dataset = LatentDataset(config.path, with_images=with_images)
     if dataset.image_size != config.resolution:
-        raise ValueError(f"data.resolution={config.resolution} but {config.path!r} was prepared at "
-                         f"{dataset.image_size} px; set data.resolution={dataset.image_size}")
+        raise ConfigError(f"data.resolution={config.resolution} but {config.path!r} was prepared at "
+                          f"{dataset.image_size} px; set data.resolution={dataset.image_size}")
     if config.hflip:
         if not dataset.index["flipped"]:
-            raise ValueError(f"data.hflip needs flipped latents: prepare {config.path!r} again with --flip "
-                             f"(or set data.hflip=false)")
+            raise ConfigError(f"data.hflip needs flipped latents: prepare {config.path!r} again with --flip "
+                              f"(or set data.hflip=false)")
         dataset.use_flips = True
     return dataset

@@ -12,6 +12,9 @@ from collections.abc import Iterator
 
 import torch
 
+from ..errors import DataError
+from .base import TrainingDataset
+
 _MIX = 0x9E3779B97F4A7C15   # golden-ratio constant: spreads (seed, epoch) over the seed space
 
 
@@ -20,7 +23,7 @@ class DataOrder:
 
     def __init__(self, size: int, seed: int, shuffle: bool = True):
         if size < 1:
-            raise ValueError("the dataset is empty")
+            raise DataError("the dataset is empty")
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self._cache: dict[int, torch.Tensor] = {}
 
@@ -70,7 +73,7 @@ def _batched(batch):
     return batch
 
 
-def step_batches(dataset, order: DataOrder, global_batch: int, rank: int, world_size: int,
+def step_batches(dataset: TrainingDataset, order: DataOrder, global_batch: int, rank: int, world_size: int,
                  start_step: int, num_workers: int = 0, pin_memory: bool = False):
     """An endless iterator of ``(x, y)`` per-rank batches, step ``start_step`` first."""
     sampler = StepBatchSampler(order, global_batch, rank, world_size, start_step)

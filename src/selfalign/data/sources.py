@@ -23,6 +23,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
+from ..errors import DataError
+from .transforms import center_crop_arr
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 SPLIT_NAMES = {"train", "val", "validation", "test"}
 
@@ -37,10 +40,6 @@ class SourceListing:
     labels: tuple[int, ...]
     class_names: tuple[str, ...]
 
-    @property
-    def is_zip(self) -> bool:
-        return self.root.lower().endswith(".zip")
-
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -52,8 +51,8 @@ def _is_image(name: str) -> bool:
 def _files_of(root: Path) -> list[str]:
     if root.is_file():
         if not zipfile.is_zipfile(root):
-            raise ValueError(f"input {str(root)!r} is a file but not a zip archive; pass a folder of "
-                             f"class folders or a .zip of one")
+            raise DataError(f"input {str(root)!r} is a file but not a zip archive; pass a folder of "
+                            f"class folders or a .zip of one")
         with zipfile.ZipFile(root) as archive:
             return [n for n in archive.namelist()
                     if not n.endswith("/") and not n.startswith("__MACOSX/") and _is_image(n)]
@@ -87,11 +86,11 @@ def list_images(root: str | os.PathLike) -> SourceListing:
     """List a folder or zip of class folders; one clear error when it holds no images."""
     path = Path(root).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"input {str(root)!r} does not exist; pass a folder of class folders "
-                                f"(e.g. ImageNet's train/) or a .zip of one")
+        raise DataError(f"input {str(root)!r} does not exist; pass a folder of class folders "
+                        f"(e.g. ImageNet's train/) or a .zip of one")
     files = _files_of(path)
     if not files:
-        raise ValueError(f"input {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
+        raise DataError(f"input {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
     prefix = _choose_prefix(files)
     rel = sorted(f[len(prefix):] for f in files if f.startswith(prefix))
     if any("/" in f for f in rel):
@@ -147,5 +146,4 @@ class ImageReader:
 
     def read_cropped(self, rel: str, image_size: int) -> np.ndarray:
         """ADM center crop to ``image_size``: uint8 ``(H, W, 3)``."""
-        from .transforms import center_crop_arr
         return np.asarray(center_crop_arr(self.open(rel), image_size), dtype=np.uint8)

@@ -19,6 +19,8 @@ from typing import Any, Sequence
 import torch
 
 from ..conventions import SD_VAE_SCALE
+from ..errors import CheckpointError, DataError, UsageError
+from .transforms import model_to_uint8, uint8_to_model
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 NORMALIZATIONS = ("scale", "channel")
@@ -39,8 +41,8 @@ class LatentScaling:
     def from_channel_stats(cls, mean: Sequence[float], std: Sequence[float]) -> "LatentScaling":
         """Whiten each channel with dataset statistics of the latent ``z = mean + std * eps``."""
         if len(mean) != len(std) or any(s <= 0 for s in std):
-            raise ValueError(f"channel statistics need one positive std per channel, got mean={list(mean)} "
-                             f"std={list(std)}")
+            raise DataError(f"channel statistics need one positive std per channel, got mean={list(mean)} "
+                            f"std={list(std)}")
         return cls(tuple(1.0 / float(s) for s in std), tuple(float(m) for m in mean))
 
     @classmethod
@@ -51,7 +53,7 @@ class LatentScaling:
         if normalization == "channel":
             stats = index.get("channel_stats")
             if not stats:
-                raise ValueError("this latent dataset has no channel statistics; use normalization 'scale'")
+                raise DataError("this latent dataset has no channel statistics; use normalization 'scale'")
             return cls.from_channel_stats(stats["mean"], stats["std"])
         raise ValueError(f"latent normalization {normalization!r} is not one of {NORMALIZATIONS}")
 
@@ -66,15 +68,11 @@ class LatentScaling:
     def from_model(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() / self._view(self.scale, x) + self._view(self.shift, x)
 
-    def to_json(self) -> dict:
-        return {"scale": list(self.scale), "shift": list(self.shift)}
-
 
 def _diffusers():
     try:
         import diffusers  # noqa: F401  (heavy: imported only when a VAE is needed)
     except ImportError:
-        from ..errors import UsageError
         raise UsageError("the VAE needs diffusers: pip install 'selfalign[latent]'") from None
     from diffusers import AutoencoderKL
     return AutoencoderKL
@@ -99,18 +97,18 @@ def load_autoencoder(spec: Any = DEFAULT_VAE, *, device: str | torch.device = "c
         if path.is_dir():
             sub = "vae" if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file() else None
             if sub is None and not (path / "config.json").is_file():
-                raise FileNotFoundError(f"VAE directory {spec!r} has no config.json (write it with "
-                                        f"AutoencoderKL.save_pretrained, or pass a hub id)")
+                raise CheckpointError(f"VAE directory {spec!r} has no config.json (write it with "
+                                      f"AutoencoderKL.save_pretrained, or pass a hub id)")
             vae = AutoencoderKL.from_pretrained(str(path), subfolder=sub, low_cpu_mem_usage=False)
         elif path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-            raise FileNotFoundError(f"VAE {spec!r} is neither a directory nor a hub id like {DEFAULT_VAE!r}")
+            raise CheckpointError(f"VAE {spec!r} is neither a directory nor a hub id like {DEFAULT_VAE!r}")
         else:
             try:
                 vae = AutoencoderKL.from_pretrained(spec, low_cpu_mem_usage=False)
             except Exception as err:  # hub/network/cache errors come in many types
                 offline = " (HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
                 reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-                raise FileNotFoundError(
+                raise CheckpointError(
                     f"cannot load VAE {spec!r} from the Hugging Face hub{offline}: {reason}; download it "
                     f"once with network access or pass a local directory saved with save_pretrained") from None
     if next(vae.parameters()).dtype != dtype:   # diffusers warns about any dtype cast, even a no-op
@@ -181,7 +179,6 @@ class LatentVAE:
 
     def encode_uint8(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 ``(B, H, W, 3)`` -> ``(mean, std)``."""
-        from .transforms import uint8_to_model
         return self.encode(uint8_to_model(images.permute(0, 3, 1, 2)))
 
     @torch.no_grad()
@@ -196,7 +193,6 @@ class LatentVAE:
 
     def decode_uint8(self, x: torch.Tensor) -> torch.Tensor:
         """Model-space latents -> uint8 ``(B, H, W, 3)``, the layout of ADM's sample ``.npz``."""
-        from .transforms import model_to_uint8
         return model_to_uint8(self.decode(x)).permute(0, 2, 3, 1).cpu()
 
 

@@ -1,4 +1,4 @@
-"""Representation analysis of checkpoints: per-block linear probes, CKNNA, PCA maps.
+"""Representation analysis of a trained model: per-block linear probes, CKNNA, PCA maps.
 
 The images come from the run's own dataset (``config.data``): Fashion-MNIST probes train on its
 train split and test on its test split; a dataset with one split (an image folder, prepared
@@ -12,24 +12,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from ..data import build_dataset
 from ..errors import DataError
-
-from .features import block_features, dataset_batch
+from ..objectives.base import Objective
+from .features import block_features, dataset_batch, objective_time
+from .figures import pyplot, save_figure
+from .indomain import cached_classifier, classifier_outputs
+from .pca import pca_rgb, save_pca_grid
 from .probe import cknna, linear_probe
 
 
-def parse_layers(text: str | None, depth: int) -> list[int]:
-    """``"all"``/None -> 1..depth; ``"2,4,8"`` -> [2, 4, 8] (1-based, checked)."""
-    if not text or text == "all":
-        return list(range(1, depth + 1))
-    try:
-        layers = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise ValueError(f"--layers {text!r}: expected 'all' or comma-separated block numbers like 2,4,8") from None
-    if not layers or layers[0] < 1 or layers[-1] > depth:
-        raise ValueError(f"--layers {text!r}: blocks are numbered 1..{depth} for this model")
-    return layers
+@dataclass(frozen=True)
+class BlockTarget:
+    """Block ``block`` of ``model`` at noise level ``t``: a feature set CKNNA compares with."""
+
+    model: nn.Module
+    objective: Objective
+    block: int
+    t: float
 
 
 HELDOUT_FRACTION = 5          # a single-split dataset holds out at most 1 / 5 of its images
@@ -52,7 +54,6 @@ class Split:
 
 
 def _dataset(config, split: str):
-    from ..data import build_dataset
     single = config.data.kind != "fashion_mnist"
     return build_dataset(config.data, "train" if single else split), single
 
@@ -114,11 +115,7 @@ def probe_checkpoint(model, objective, config, layers: list[int], t: float, trai
 
 
 def save_probe_plot(path: str | Path, results: dict[str, dict[int, float]], t: float) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = pyplot().subplots(figsize=(5, 3.2))
     for name, accs in results.items():
         ax.plot(list(accs), [100 * a for a in accs.values()], marker="o", label=name)
     ax.set_xlabel("block")
@@ -126,51 +123,33 @@ def save_probe_plot(path: str | Path, results: dict[str, dict[int, float]], t: f
     ax.set_title(f"linear probing at t = {t:g}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
-def cknna_checkpoint(model, objective, config, layers: list[int], t: float, target: str, target_t: float,
-                     count: int = 2000, topk: int = 10, seed: int = 0, device="cpu") -> tuple[dict[int, float], int]:
+def cknna_checkpoint(model, objective, config, layers: list[int], t: float, target: BlockTarget | None,
+                     count: int = 2000, topk: int = 10, seed: int = 0,
+                     device="cpu") -> tuple[dict[int, float], int]:
     """CKNNA between each block's features at ``t`` and a target feature set of the same images,
     and how many images that was (at most ``count``).
 
-    ``target``: ``classifier`` (the Fashion-MNIST classifier's pooled features of the clean
-    images: an encoder), ``block:N`` (this model's block N at ``target_t``: the SRA teacher's view),
-    or ``PATH:N`` (block N of another checkpoint at ``target_t``).
+    ``target``: ``None`` for the Fashion-MNIST classifier's pooled features of the clean images
+    (an encoder; Fashion-MNIST runs), or a :class:`BlockTarget`: a block of this model (the SRA
+    teacher's view) or of another one, with the same noise as the model's side.
     """
     x0, _ = load_examples(config, count, seed)
     generator = lambda: torch.Generator().manual_seed(seed)   # same noise for both sides
     feats = block_features(model, objective, x0, layers, t, generator())
-    if target == "classifier":
-        from .indomain import cached_classifier, classifier_outputs
-        if config.data.kind != "fashion_mnist":
-            raise ValueError("--target classifier needs a Fashion-MNIST run; use block:N or CHECKPOINT:N")
+    if target is None:
         reference = torch.from_numpy(classifier_outputs(cached_classifier(device), x0)[0])
     else:
-        where, _, block = target.rpartition(":")
-        if not block.isdigit() or not where:
-            raise ValueError(f"--target {target!r}: use classifier, block:N or CHECKPOINT:N")
-        other, other_objective = model, objective
-        if where != "block":
-            from ..runs import load_for_inference
-            other, other_objective, _ = load_for_inference(where, device=device)
-        if not 1 <= int(block) <= other.config.depth:
-            raise ValueError(f"--target {target!r}: blocks are numbered 1..{other.config.depth}")
-        reference = block_features(other, other_objective, x0, [int(block)], target_t, generator())[int(block)]
+        reference = block_features(target.model, target.objective, x0, [target.block], target.t,
+                                   generator())[target.block]
     return {layer: cknna(feats[layer], reference, topk) for layer in layers}, len(x0)
 
 
 def pca_checkpoint(model, objective, config, layers: list[int], times: list[float], count: int, path,
                    seed: int = 0, title: str = "") -> Path:
     """PNG grid of PCA maps (rows: noise level x image; columns: noisy input, then blocks)."""
-    from .features import objective_time
-    from .pca import pca_rgb, save_pca_grid
-
     x0, _ = load_examples(config, count, seed)
     inputs, maps = {}, {}
     for t in times:

@@ -52,10 +52,10 @@ def block_features(model, objective: Objective, x0: torch.Tensor, layers, t: flo
 def dataset_batch(dataset, indices, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x0 in model space, labels)`` of ``indices`` from any training dataset of :mod:`selfalign.data`.
 
-    Latent datasets store ``(mean, std)``: the latent is drawn from them with ``generator``.
+    Latent datasets store the encoder's ``(mean, std)``: the latent is drawn from them with
+    ``generator`` (:meth:`selfalign.data.latents.LatentDataset.to_model`).
     """
-    batch = dataset.__getitems__(list(indices))
-    if len(batch) >= 3:          # (mean, std, labels[, images]): a prepared latent dataset
-        mean, std, labels = batch[:3]
-        return dataset.draw_x0(mean, std, generator), labels
-    return batch[0], batch[1]
+    x, labels = dataset.__getitems__(list(indices))[:2]
+    if hasattr(dataset, "to_model"):
+        x = dataset.to_model(x, generator)
+    return x, labels

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from scipy import linalg
 
+from ..errors import DataError
+
 
 @dataclass
 class FeatureStatistics:
@@ -31,7 +33,7 @@ class FeatureStatistics:
     def of(cls, features: np.ndarray) -> "FeatureStatistics":
         features = np.asarray(features, dtype=np.float64)
         if features.ndim != 2 or len(features) < 2:
-            raise ValueError(f"need at least 2 feature vectors (N x D) for statistics, got {features.shape}")
+            raise DataError(f"need at least 2 feature vectors (N x D) for statistics, got {features.shape}")
         return cls(features.mean(axis=0), np.cov(features, rowvar=False))
 
 
@@ -40,11 +42,11 @@ def frechet_distance(a: FeatureStatistics, b: FeatureStatistics, eps: float = 1e
     mu1, mu2 = np.atleast_1d(a.mu).astype(np.float64), np.atleast_1d(b.mu).astype(np.float64)
     s1, s2 = np.atleast_2d(a.sigma).astype(np.float64), np.atleast_2d(b.sigma).astype(np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
-        raise ValueError(f"feature statistics have different dimensions: {mu1.shape} vs {mu2.shape}; "
-                         "were they computed with the same network?")
+        raise DataError(f"feature statistics have different dimensions: {mu1.shape} vs {mu2.shape}; "
+                        "were they computed with the same network?")
     diff = mu1 - mu2
-    # no ``disp=False``: newer SciPy removed the argument (the GPU image's SciPy refused it); plain sqrtm returns
-    # the matrix on every SciPy version, and a failed root shows up as non-finite entries below
+    # plain sqrtm (recent SciPy releases dropped ``disp=False``) returns the matrix on every SciPy
+    # version; a failed root shows up as non-finite entries below
     covmean = linalg.sqrtm(s1.dot(s2))
     if not np.isfinite(covmean).all():
         warnings.warn(f"Frechet distance: singular covariance product; adding {eps} to the diagonals")
@@ -52,8 +54,8 @@ def frechet_distance(a: FeatureStatistics, b: FeatureStatistics, eps: float = 1e
         covmean = linalg.sqrtm((s1 + offset).dot(s2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag)):.3g} "
-                             "in the covariance square root; use more samples than feature dimensions")
+            raise DataError(f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag)):.3g} "
+                            "in the covariance square root; use more samples than feature dimensions")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
@@ -106,15 +108,15 @@ def load_reference_batch(path: str | Path) -> ReferenceBatch:
     """Read a reference batch written by ``selfalign eval ref`` or one of ADM's published ones."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"reference batch {path} not found")
+        raise DataError(f"reference batch {path} not found")
     try:
         data = np.load(path)
         keys = set(data.files)
     except Exception as err:   # zipfile/pickle errors: not an npz at all
-        raise ValueError(f"{path} is not a readable .npz reference batch ({err})") from None
+        raise DataError(f"{path} is not a readable .npz reference batch ({err})") from None
     if not {"mu", "sigma"} <= keys:
-        raise ValueError(f"{path} has no mu/sigma: not a reference batch (keys: {sorted(keys)}); "
-                         "make one with `selfalign eval ref`")
+        raise DataError(f"{path} has no mu/sigma: not a reference batch (keys: {sorted(keys)}); "
+                        "make one with `selfalign eval ref`")
     spatial = FeatureStatistics(data["mu_s"], data["sigma_s"]) if {"mu_s", "sigma_s"} <= keys else None
     return ReferenceBatch(
         pool=FeatureStatistics(data["mu"], data["sigma"]),

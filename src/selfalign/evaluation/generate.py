@@ -22,6 +22,12 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ..data.transforms import model_to_uint8
+from ..errors import DataError, UsageError
+from ..sampling import sample
 
 PLAN_FILE = "plan.json"
 SHARD_DIR = "shards"
@@ -67,16 +73,16 @@ class SamplePlan:
     class_balanced: bool = False
     unconditional: bool = False
     sampler: dict | None = None
-    # how stochastic samplers draw their per-step noise; older directories (one generator per
-    # batch) hold other images for the same seed, so their plan no longer matches
+    # how stochastic samplers draw their per-step noise: samples drawn another way (e.g. one
+    # generator per batch) are other images for the same seed, so their plan must not match
     step_noise: str = "per-sample"
 
     def validate(self) -> None:
         for key in ("num_samples", "batch_size", "shard_size"):
             if getattr(self, key) < 1:
-                raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+                raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
         if self.shard_size % self.batch_size:
-            raise ValueError(f"--shard-size {self.shard_size} must be a multiple of --batch-size {self.batch_size}")
+            raise UsageError(f"--shard-size {self.shard_size} must be a multiple of --batch-size {self.batch_size}")
 
     @property
     def num_shards(self) -> int:
@@ -98,7 +104,7 @@ def check_plan(out_dir: Path, plan: SamplePlan) -> None:
         found = json.loads(path.read_text())
         if found != wanted:
             diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
-            raise ValueError(f"{out_dir} holds samples of a different plan (differs in: {', '.join(diff)}); "
+            raise UsageError(f"{out_dir} holds samples of a different plan (differs in: {', '.join(diff)}); "
                              "use another --out or the same settings to resume")
         return
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,8 +136,6 @@ def make_draw(model, objective, sampler_config, device, decode: Callable | None 
     ``decode`` maps model-space samples to uint8 ``(B, H, W, 3)`` (a latent model's VAE); pixel
     models go through :func:`to_uint8_images`.
     """
-    from ..sampling import sample
-
     device = torch.device(device)
 
     def draw(noise: torch.Tensor, labels: np.ndarray, step_seeds: list[int]) -> np.ndarray:
@@ -154,8 +158,6 @@ def generate_shards(plan: SamplePlan, out_dir: Path, draw: Callable[[torch.Tenso
     (:func:`make_draw`); ``step_seeds[k]`` seeds the per-step noise of the batch's sample ``k``.
     Returns counts: ``{"made": .., "skipped": .., "images": ..}``.
     """
-    from tqdm import tqdm
-
     plan.validate()
     mine = [s for s in range(plan.num_shards) if s % world_size == rank]
     todo, skipped = [], 0
@@ -197,8 +199,8 @@ def merge_shards(plan: SamplePlan, out_dir: Path, num_classes: int) -> Path:
     """Concatenate every shard into ``samples.npz`` (``arr_0``, ``arr_1``); all shards must be complete."""
     missing = missing_shards(plan, out_dir, num_classes)
     if missing:
-        raise ValueError(f"{len(missing)} shard(s) missing or incomplete (first: {shard_path(out_dir, missing[0])}): "
-                         "run the same sample command again to finish them")
+        raise DataError(f"{len(missing)} shard(s) missing or incomplete (first: {shard_path(out_dir, missing[0])}): "
+                        "run the same sample command again to finish them")
     images, labels = [], []
     for shard in range(plan.num_shards):
         with np.load(shard_path(out_dir, shard)) as data:
@@ -213,16 +215,12 @@ def merge_shards(plan: SamplePlan, out_dir: Path, num_classes: int) -> Path:
 
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:
     """Model-space pixels in [-1, 1] ``(B, C, H, W)`` -> uint8 ``(B, H, W, 3)`` (gray repeated)."""
-    from ..data.transforms import model_to_uint8
-
     images = model_to_uint8(x.float().cpu()).permute(0, 2, 3, 1).numpy()
     return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
 def write_pngs(samples: Path, folder: Path) -> int:
     """Every image of an ADM .npz as ``folder/000000.png`` ..."""
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
     with np.load(samples) as data:
         images = data["arr_0"]

@@ -17,6 +17,12 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..data.fashion_mnist import NATIVE_SIZE, FashionMNIST
+from ..data.imagefolder import IMAGE_EXTENSIONS
+from ..data.transforms import center_crop_arr
+from ..errors import DataError
 
 DATASET_PREFIX = "fashion-mnist"
 
@@ -40,7 +46,7 @@ class ArraySource(ImageSource):
     def __init__(self, images: np.ndarray, name: str = "array", labels: np.ndarray | None = None):
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim not in (3, 4):
-            raise ValueError(f"{name}: expected uint8 images N x H x W (x C), got {images.dtype} {images.shape}")
+            raise DataError(f"{name}: expected uint8 images N x H x W (x C), got {images.dtype} {images.shape}")
         self.images = images if images.ndim == 4 else images[..., None]
         self.labels, self.name = labels, name
 
@@ -61,20 +67,20 @@ class NpzSource(ImageSource):
         try:
             with zipfile.ZipFile(path) as archive:
                 if f"{key}.npy" not in archive.namelist():
-                    raise ValueError(f"{path} has no {key}: an ADM sample batch stores its uint8 images "
-                                     f"N x H x W x 3 in {key}")
+                    raise DataError(f"{path} has no {key}: an ADM sample batch stores its uint8 images "
+                                    f"N x H x W x 3 in {key}")
                 with archive.open(f"{key}.npy") as f:
                     self.shape = self._header(f)
         except zipfile.BadZipFile:
-            raise ValueError(f"{path} is not an .npz file") from None
+            raise DataError(f"{path} is not an .npz file") from None
 
     def _header(self, f):
         version = np.lib.format.read_magic(f)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read(f)
         if dtype != np.uint8 or fortran or len(shape) not in (3, 4):
-            raise ValueError(f"{self.path}: {self.key} must be uint8 N x H x W x C (C-order), got "
-                             f"{dtype} {shape}")
+            raise DataError(f"{self.path}: {self.key} must be uint8 N x H x W x C (C-order), got "
+                            f"{dtype} {shape}")
         return shape
 
     def __len__(self):
@@ -95,7 +101,7 @@ class NpzSource(ImageSource):
                 count = min(batch_size, end - start)
                 raw = f.read(count * item_bytes)
                 if len(raw) != count * item_bytes:
-                    raise ValueError(f"{self.path}: {self.key} is truncated at image {start}")
+                    raise DataError(f"{self.path}: {self.key} is truncated at image {start}")
                 batch = np.frombuffer(raw, dtype=np.uint8).reshape(count, *item_shape)
                 yield batch if batch.ndim == 4 else batch[..., None]
 
@@ -104,13 +110,11 @@ class FolderSource(ImageSource):
     """Images below a folder in sorted order; ADM center crop to ``resolution`` when given."""
 
     def __init__(self, root: Path, resolution: int | None = None):
-        from ..data.imagefolder import IMAGE_EXTENSIONS
-
         if not root.is_dir():
-            raise FileNotFoundError(f"image folder {root} does not exist")
+            raise DataError(f"image folder {root} does not exist")
         self.files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not self.files:
-            raise ValueError(f"image folder {root} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise DataError(f"image folder {root} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
         self.root, self.resolution, self.name = root, resolution, str(root)
         self.labels = None
 
@@ -118,10 +122,6 @@ class FolderSource(ImageSource):
         return len(self.files)
 
     def load(self, index: int) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
-
-        from ..data.transforms import center_crop_arr
-
         path = self.files[index]
         try:
             with Image.open(path) as image:
@@ -130,15 +130,15 @@ class FolderSource(ImageSource):
                     image = center_crop_arr(image, self.resolution)
                 return np.asarray(image, dtype=np.uint8)
         except (OSError, UnidentifiedImageError, SyntaxError) as err:
-            raise ValueError(f"image {path} cannot be read ({err}); fix or remove it") from None
+            raise DataError(f"image {path} cannot be read ({err}); fix or remove it") from None
 
     def batches(self, batch_size, limit=None):
         end = len(self) if limit is None else min(limit, len(self))
         for start in range(0, end, batch_size):
             images = [self.load(i) for i in range(start, min(start + batch_size, end))]
             if len({im.shape for im in images}) > 1:
-                raise ValueError(f"{self.root}: images of different sizes ({images[0].shape} and others); "
-                                 "give --resolution to center-crop them to one size")
+                raise DataError(f"{self.root}: images of different sizes ({images[0].shape} and others); "
+                                "give --resolution to center-crop them to one size")
             yield np.stack(images)
 
 
@@ -146,8 +146,6 @@ class FashionMNISTSource(ArraySource):
     """A Fashion-MNIST split at ``resolution`` (padded like the training data, default 28 = native)."""
 
     def __init__(self, split: str = "train", resolution: int | None = None, path=None):
-        from ..data.fashion_mnist import NATIVE_SIZE, FashionMNIST
-
         dataset = FashionMNIST(split, path=path, resolution=resolution or NATIVE_SIZE)
         super().__init__(dataset.images.permute(0, 2, 3, 1).numpy(), f"{DATASET_PREFIX}:{split}",
                          dataset.labels.numpy())
@@ -163,8 +161,8 @@ def open_source(spec: str, resolution: int | None = None) -> ImageSource:
         return FolderSource(path, resolution)
     if path.is_file():
         if path.suffix != ".npz":
-            raise ValueError(f"{path}: expected an .npz of samples, a folder of images or "
-                             f"'{DATASET_PREFIX}[:train|test]'")
-        return NpzSource(path)
-    raise FileNotFoundError(f"{spec} not found: give an .npz of samples, a folder of images or "
+            raise DataError(f"{path}: expected an .npz of samples, a folder of images or "
                             f"'{DATASET_PREFIX}[:train|test]'")
+        return NpzSource(path)
+    raise DataError(f"{spec} not found: give an .npz of samples, a folder of images or "
+                    f"'{DATASET_PREFIX}[:train|test]'")

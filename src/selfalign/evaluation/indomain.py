@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.fashion_mnist import NATIVE_SIZE, FashionMNIST
+from ..data.transforms import uint8_to_model
 from ..errors import DataError
-from ..models.classifier import ASSET, NATIVE_SIZE, FashionClassifier, load_classifier
+from ..models.classifier import ASSET, FashionClassifier, classifier_weights, load_classifier
 from .fid import FeatureStatistics, frechet_distance
 from .precision_recall import precision_recall
 from .reference import user_cache_dir
@@ -68,12 +70,7 @@ def check_fashion_mnist_shaped(images: torch.Tensor, what: str = "the samples") 
 
 def reference_features(classifier_path: str | Path | None = None, device="cpu") -> np.ndarray:
     """Classifier features of the Fashion-MNIST test split (cached in memory and on disk)."""
-    from ..data.fashion_mnist import NATIVE_SIZE, FashionMNIST
-    from ..data.transforms import uint8_to_model
-
-    path = Path(classifier_path or ASSET)
-    if not path.is_file():
-        raise FileNotFoundError(f"classifier weights {path} not found: train them with scripts/train_classifier.py")
+    path = classifier_weights(classifier_path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     key = (digest, str(device))
     if key in _REFERENCES:
@@ -104,7 +101,7 @@ def indomain_metrics(images: torch.Tensor, labels: torch.Tensor | np.ndarray | N
                      device="cpu", classifier_path: str | Path | None = None, seed: int = 0) -> dict[str, float]:
     """FD, accuracy (when labels are given), precision and recall of model-space images in [-1, 1]."""
     if len(images) < 4:
-        raise ValueError(f"in-domain metrics need at least 4 images, got {len(images)}")
+        raise DataError(f"in-domain metrics need at least 4 images, got {len(images)}")
     check_fashion_mnist_shaped(images)
     classifier = cached_classifier(device, classifier_path)
     feats, logits = classifier_outputs(classifier, images)
@@ -120,5 +117,4 @@ def indomain_metrics(images: torch.Tensor, labels: torch.Tensor | np.ndarray | N
 
 def uint8_to_model_nchw(images: np.ndarray) -> torch.Tensor:
     """uint8 ``N x H x W x C`` (an ADM .npz) -> float ``(N, C, H, W)`` in [-1, 1]."""
-    from ..data.transforms import uint8_to_model
     return uint8_to_model(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2))

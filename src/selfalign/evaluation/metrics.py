@@ -9,6 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
+from ..errors import DataError
 
 from .fid import FeatureStatistics, ReferenceBatch, frechet_distance, inception_score, is_reference_batch, load_reference_batch
 from .images import ArraySource, ImageSource, open_source
@@ -22,8 +25,6 @@ PR_REFERENCE_COUNT = 10000   # ADM's reference batches keep 10K images for preci
 def inception_activations(network: InceptionV3, source: ImageSource, batch_size: int = 50,
                           limit: int | None = None, progress: bool = True) -> InceptionOutputs:
     """Inception outputs of every image of ``source`` (or its first ``limit``)."""
-    from tqdm import tqdm
-
     total = len(source) if limit is None else min(limit, len(source))
     pools, spatials, logits = [], [], []
     with tqdm(total=total, unit="img", desc=f"inception {source.name}", disable=not progress) as bar:
@@ -36,7 +37,7 @@ def inception_activations(network: InceptionV3, source: ImageSource, batch_size:
                 logits.append(out.logits)
             bar.update(len(batch))
     if not pools:
-        raise ValueError(f"{source.name} holds no images")
+        raise DataError(f"{source.name} holds no images")
     return InceptionOutputs(np.concatenate(pools), np.concatenate(spatials) if spatials else None,
                             np.concatenate(logits) if logits else None)
 

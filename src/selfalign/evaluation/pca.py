@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .figures import pyplot, save_figure
+
 
 def pca_rgb(tokens: torch.Tensor) -> torch.Tensor:
     """``(N, T, D)`` tokens on a square grid -> ``(N, h, w, 3)`` colours in [0, 1]."""
@@ -42,10 +44,7 @@ def to_display(x: torch.Tensor) -> np.ndarray:
 def save_pca_grid(path: str | Path, inputs: dict[float, torch.Tensor], maps: dict[tuple[float, int], torch.Tensor],
                   layers: list[int], title: str = "") -> Path:
     """``inputs[t]`` noisy inputs ``(N, C, H, W)``; ``maps[(t, layer)]`` ``(N, h, w, 3)``; one PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     times = sorted(inputs)
     n = len(next(iter(inputs.values())))
     rows, cols = len(times) * n, 1 + len(layers)
@@ -66,9 +65,4 @@ def save_pca_grid(path: str | Path, inputs: dict[float, torch.Tensor], maps: dic
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

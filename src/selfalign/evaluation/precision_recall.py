@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import DataError
+
 NEIGHBORHOOD = 3
 _BLOCK = 10000
 
@@ -26,7 +28,7 @@ def manifold_radii(features: np.ndarray | torch.Tensor, k: int = NEIGHBORHOOD,
     """Squared distance of each point to its k-th nearest neighbour in the same set, ``(N,)``."""
     x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
     if len(x) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} feature vectors, got {len(x)}")
+        raise DataError(f"precision/recall with k={k} needs more than {k} feature vectors, got {len(x)}")
     radii = torch.empty(len(x))
     for start in range(0, len(x), block):
         rows = x[start:start + block]
@@ -41,8 +43,8 @@ def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = NEIGHB
     ref = torch.as_tensor(np.asarray(reference), dtype=torch.float32)
     gen = torch.as_tensor(np.asarray(samples), dtype=torch.float32)
     if ref.shape[1:] != gen.shape[1:]:
-        raise ValueError(f"reference features {tuple(ref.shape)} and sample features {tuple(gen.shape)} "
-                         "have different dimensions")
+        raise DataError(f"reference features {tuple(ref.shape)} and sample features {tuple(gen.shape)} "
+                        "have different dimensions")
     radii_ref, radii_gen = manifold_radii(ref, k, block), manifold_radii(gen, k, block)
     ref_covered = torch.zeros(len(ref), dtype=torch.bool)   # recall: reference inside a sample ball
     gen_covered = torch.zeros(len(gen), dtype=torch.bool)   # precision: sample inside a reference ball

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ..data.sources import SourceListing, list_images, ImageReader
 from ..errors import DataError
@@ -38,14 +39,18 @@ def user_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selfalign"
 
 
+def _is_zip(listing: SourceListing) -> bool:
+    return Path(listing.root).is_file()         # a folder, or a zip archive of one
+
+
 def listing_checksum(listing: SourceListing) -> str:
     """sha256 of the sorted relative paths, labels and file sizes of a listing."""
     digest = hashlib.sha256()
     root = Path(listing.root)
-    if listing.is_zip:
+    if _is_zip(listing):
         digest.update(f"zip {root.stat().st_size}\n".encode())
     for rel, label in zip(listing.paths, listing.labels):
-        size = 0 if listing.is_zip else (root / listing.prefix / rel).stat().st_size
+        size = 0 if _is_zip(listing) else (root / listing.prefix / rel).stat().st_size
         digest.update(f"{rel}\t{label}\t{size}\n".encode())
     return digest.hexdigest()
 
@@ -70,8 +75,6 @@ def folder_features(network: InceptionV3, root: str | os.PathLike, resolution: i
     """Inception outputs of (up to ``limit``) images of a folder, center-cropped to ``resolution``.
 
     The next batch is decoded in a background thread while the network runs on this one."""
-    from tqdm import tqdm
-
     listing = listing or list_images(root)
     reader = ImageReader.of(listing)
     indices = chosen_indices(len(listing), limit)
@@ -101,7 +104,7 @@ def cache_candidates(listing: SourceListing, name: str) -> list[Path]:
     """Where the reference may live: beside the data first, then the user's cache."""
     root = Path(listing.root)
     places = []
-    if not listing.is_zip and _writable(root):
+    if not _is_zip(listing) and _writable(root):
         places.append(root / CACHE_FOLDER / name)
     tag = hashlib.sha256(f"{listing.root}/{listing.prefix}".encode()).hexdigest()[:12]
     places.append(user_cache_dir() / "references" / f"{root.name}-{tag}-{name}")

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
+from .figures import pyplot, save_figure
 from .heldout import DEFAULT_TIMES, paired_difference
 
 # metric key in the eval records of metrics.jsonl: (label, higher is better)
@@ -64,11 +66,7 @@ def step_seconds(train_records: list[dict]) -> float | None:
 
 
 def _plot_curves(path: Path, runs: list[RunSummary], series, titles) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.3), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(series), figsize=(4.2 * len(series), 3.3), squeeze=False)
     for ax, (source, key) in zip(axes[0], series):
         for run in runs:
             points = [(r["kimg"], r[key]) for r in getattr(run, source)
@@ -80,14 +78,10 @@ def _plot_curves(path: Path, runs: list[RunSummary], series, titles) -> Path:
         ax.set_title(titles.get(key, key), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _side_by_side(path: Path, runs: list[RunSummary]) -> Path:
-    from PIL import Image, ImageDraw
     grids = [Image.open(run.grid).convert("RGB") for run in runs]
     gap, title = 12, 18
     width = sum(g.width for g in grids) + gap * (len(grids) - 1)

@@ -26,6 +26,7 @@ import torch
 from ..data.transforms import model_to_uint8
 from ..errors import ConfigError
 from ..formats.shards import load_index
+from ..sampling import SamplerConfig, sample
 from .fid import FeatureStatistics, frechet_distance
 from .images import ArraySource
 from .inception import InceptionV3, default_weights_path
@@ -38,8 +39,7 @@ EVAL_STEPS = 25
 _NETWORKS: dict[tuple[str, str], object] = {}
 
 
-def default_sampler(objective_kind: str, steps: int = EVAL_STEPS):
-    from ..sampling import SamplerConfig
+def default_sampler(objective_kind: str, steps: int = EVAL_STEPS) -> SamplerConfig:
     return SamplerConfig(name="ddim" if objective_kind == "ddpm" else "euler", steps=steps)
 
 
@@ -74,8 +74,6 @@ def plan_line(config) -> str | None:
 def draw_samples(model, objective, num_samples: int, generator: torch.Generator, device,
                  sampler=None, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """``(samples in model space (N, C, H, W) on the CPU, labels (N,))`` with class-balanced labels."""
-    from ..sampling import sample
-
     cfg = model.config
     sampler = sampler or default_sampler(objective.kind)
     gen_device = generator.device

@@ -230,7 +230,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory, or a run directory (its newest complete checkpoint)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if (path / STATE_FILE).exists() or path.name.startswith(PREFIX):
         problem = verify(path)
         if problem:

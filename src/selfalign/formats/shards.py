@@ -16,6 +16,7 @@ so a crash never leaves a half-written file under a final name.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -23,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save
+
+from ..errors import DataError
 
 FORMATS = ("safetensors", "npy")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -66,12 +70,10 @@ def atomic_write_json(path: Path, obj) -> None:
 def encode_shard(arrays: dict[str, torch.Tensor], labels: torch.Tensor, fmt: str) -> bytes:
     """The bytes of one shard; deterministic for equal inputs (multi-process runs compare them)."""
     if fmt == "safetensors":
-        from safetensors.torch import save
         tensors = {k: v.contiguous() for k, v in arrays.items()}
         tensors["labels"] = labels.to(torch.int64).contiguous()
         return save(tensors, metadata={"format": INDEX_KIND})
     if fmt == "npy":
-        import io
         stacked = torch.stack([arrays[k] for k in ARRAY_KEYS if k in arrays], dim=1).numpy()
         buffer = io.BytesIO()
         np.save(buffer, stacked, allow_pickle=False)
@@ -83,23 +85,22 @@ def read_shard(path: str | os.PathLike, fmt: str, flipped: bool) -> dict[str, to
     """The arrays of one shard (``labels`` only for safetensors); errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"latent shard {str(path)!r} is missing; run `selfalign prepare` again "
-                                f"with the same arguments to rebuild it")
+        raise DataError(f"latent shard {str(path)!r} is missing; run `selfalign prepare` again "
+                        f"with the same arguments to rebuild it")
     try:
         if fmt == "safetensors":
-            from safetensors.torch import load_file
             return load_file(str(path))
         array = np.load(path, mmap_mode="r", allow_pickle=False)
         with warnings.catch_warnings():     # read-only memory map: rows are copied before use
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             stacked = torch.from_numpy(array)
     except Exception as err:
-        raise ValueError(f"latent shard {str(path)!r} is unreadable or truncated ({type(err).__name__}: "
-                         f"{str(err)[:100]}); run `selfalign prepare` again to rebuild it") from None
+        raise DataError(f"latent shard {str(path)!r} is unreadable or truncated ({type(err).__name__}: "
+                        f"{str(err)[:100]}); run `selfalign prepare` again to rebuild it") from None
     keys = ARRAY_KEYS if flipped else ARRAY_KEYS[:2]
     if stacked.dim() != 5 or stacked.shape[1] != len(keys):
-        raise ValueError(f"latent shard {str(path)!r} has shape {tuple(stacked.shape)}, expected "
-                         f"(n, {len(keys)}, C, h, w)")
+        raise DataError(f"latent shard {str(path)!r} has shape {tuple(stacked.shape)}, expected "
+                        f"(n, {len(keys)}, C, h, w)")
     return {k: stacked[:, i] for i, k in enumerate(keys)}
 
 
@@ -110,29 +111,29 @@ def load_index(root: str | os.PathLike) -> dict:
     if not path.is_file():
         hint = (" (prepare has not finished: rerun it with the same arguments to complete it)"
                 if (root / SHARD_DIR).is_dir() else " (create it with `selfalign prepare`)")
-        raise FileNotFoundError(f"{str(root)!r} is not a prepared latent dataset: no {INDEX_NAME}{hint}")
+        raise DataError(f"{str(root)!r} is not a prepared latent dataset: no {INDEX_NAME}{hint}")
     try:
         index = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{str(path)!r} is not valid JSON; rerun `selfalign prepare` to rewrite it") from None
+        raise DataError(f"{str(path)!r} is not valid JSON; rerun `selfalign prepare` to rewrite it") from None
     if not isinstance(index, dict) or index.get("kind") != INDEX_KIND:
-        raise ValueError(f"{str(path)!r} is not a selfalign latent index (kind != {INDEX_KIND!r})")
+        raise DataError(f"{str(path)!r} is not a selfalign latent index (kind != {INDEX_KIND!r})")
     if index.get("version", 0) > INDEX_VERSION:
-        raise ValueError(f"{str(path)!r} has format version {index['version']}; this selfalign reads "
-                         f"up to {INDEX_VERSION}: upgrade selfalign")
+        raise DataError(f"{str(path)!r} has format version {index['version']}; this selfalign reads "
+                        f"up to {INDEX_VERSION}: upgrade selfalign")
     return index
 
 
 def verify_shard(root: Path, entry: dict) -> None:
-    """Raise ``ValueError`` naming the file if a shard's size or sha256 differs from its index entry."""
+    """Raise :class:`DataError` naming the file if a shard's size or sha256 differs from its index entry."""
     path = root / entry["file"]
     if not path.is_file():
-        raise FileNotFoundError(f"latent shard {str(path)!r} is missing; rerun `selfalign prepare` "
-                                f"with the same arguments to rebuild it")
+        raise DataError(f"latent shard {str(path)!r} is missing; rerun `selfalign prepare` "
+                        f"with the same arguments to rebuild it")
     size = path.stat().st_size
     if size != entry["bytes"]:
-        raise ValueError(f"latent shard {str(path)!r} is truncated or changed: {size} bytes, index says "
-                         f"{entry['bytes']}; rerun `selfalign prepare` to rebuild it")
+        raise DataError(f"latent shard {str(path)!r} is truncated or changed: {size} bytes, index says "
+                        f"{entry['bytes']}; rerun `selfalign prepare` to rebuild it")
     if sha256_file(path) != entry["sha256"]:
-        raise ValueError(f"latent shard {str(path)!r} fails its sha256 checksum; rerun `selfalign "
-                         f"prepare` to rebuild it")
+        raise DataError(f"latent shard {str(path)!r} fails its sha256 checksum; rerun `selfalign "
+                        f"prepare` to rebuild it")

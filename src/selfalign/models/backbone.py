@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import ConfigError
+
 
 @dataclass
 class BackboneConfig:
@@ -53,18 +55,18 @@ class BackboneConfig:
 
     def validate(self) -> None:
         if self.input_size % self.patch_size:
-            raise ValueError(f"model.input_size={self.input_size} is not divisible by "
-                             f"model.patch_size={self.patch_size}")
+            raise ConfigError(f"model.input_size={self.input_size} is not divisible by "
+                              f"model.patch_size={self.patch_size}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
-                             f"model.num_heads={self.num_heads}")
+            raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by "
+                              f"model.num_heads={self.num_heads}")
         if self.hidden_size % 4:   # the 2-D sin-cos embedding gives each axis dim/2 (sin, cos)
-            raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by 4 "
-                             "(2-D sin-cos position embedding)")
+            raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by 4 "
+                              "(2-D sin-cos position embedding)")
         for key in ("input_size", "in_channels", "patch_size", "hidden_size", "depth",
                     "num_heads", "num_classes"):
             if getattr(self, key) < 1:
-                raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

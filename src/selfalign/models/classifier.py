@@ -16,7 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
+
+from ..errors import CheckpointError
 
 NATIVE_SIZE = 28
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "fashion_mnist_classifier.safetensors"
@@ -79,17 +82,22 @@ class FashionClassifier(nn.Module):
         return self.features_and_logits(images)[1]
 
 
-def load_classifier(path: str | Path | None = None, device="cpu") -> FashionClassifier:
-    """The committed classifier (``selfalign/assets``) or one trained by ``scripts/train_classifier.py``."""
-    from safetensors.torch import load_file
-
+def classifier_weights(path: str | Path | None = None) -> Path:
+    """The classifier's weight file: ``path``, else the committed one; one line when it is missing."""
     path = Path(path) if path else ASSET
     if not path.is_file():
-        raise FileNotFoundError(f"classifier weights {path} not found: train them with "
-                                "`python scripts/train_classifier.py --out PATH`")
+        raise CheckpointError(f"classifier weights {path} not found: train them with "
+                              "`python scripts/train_classifier.py --out PATH`")
+    return path
+
+
+def load_classifier(path: str | Path | None = None, device="cpu") -> FashionClassifier:
+    """The committed classifier (``selfalign/assets``) or one trained by ``scripts/train_classifier.py``."""
+    path = classifier_weights(path)
     model = FashionClassifier()
     try:
         model.load_state_dict(load_file(str(path)))
     except RuntimeError as err:
-        raise ValueError(f"{path} does not fit the Fashion-MNIST classifier: {str(err).splitlines()[0]}") from None
+        raise CheckpointError(f"{path} does not fit the Fashion-MNIST classifier: "
+                              f"{str(err).splitlines()[0]}") from None
     return model.eval().requires_grad_(False).to(device)

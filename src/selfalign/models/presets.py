@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
+from ..errors import ConfigError
 from .backbone import BackboneConfig, DiffusionTransformer
 
 # name: (hidden_size, depth, num_heads)
@@ -40,8 +41,8 @@ def parse_preset(name: str) -> tuple[str, str, int]:
     """"SiT-XL/2" -> ("SiT", "XL", 2); one clear error for anything else."""
     match = _NAME.match(name)
     if not match:
-        raise ValueError(f"unknown model preset {name!r}: expected FAMILY-SIZE/PATCH with FAMILY in "
-                         f"{FAMILIES}, SIZE in {tuple(SIZES)}, PATCH in {PATCHES} (see `selfalign models`)")
+        raise ConfigError(f"unknown model preset {name!r}: expected FAMILY-SIZE/PATCH with FAMILY in "
+                          f"{FAMILIES}, SIZE in {tuple(SIZES)}, PATCH in {PATCHES} (see `selfalign models`)")
     return match.group(1), match.group(2), int(match.group(3))
 
 

@@ -2,29 +2,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
+from ..config.loader import check_choices
 from .base import Objective, expand_time, mean_flat
-from .ddpm import DDPMConfig, DDPMObjective, GaussianDiffusion, space_timesteps
-from .flow import FlowConfig, FlowObjective
+from .ddpm import BetaSchedule, DDPMConfig, DDPMObjective, FixedVariance, GaussianDiffusion, space_timesteps
+from .flow import FlowConfig, FlowObjective, FlowPath, TimeSampling
 
-KINDS = ("flow", "ddpm")
+ObjectiveKind = Literal["flow", "ddpm"]
 
 
 @dataclass
 class ObjectiveConfig:
     """The ``objective:`` section of an experiment: ``kind`` picks which fields apply."""
 
-    kind: str = "flow"              # "flow" (SiT) or "ddpm" (DiT)
+    kind: ObjectiveKind = "flow"    # "flow" (SiT) or "ddpm" (DiT)
     # flow
-    path: str = "linear"            # "linear" or "cosine" (GVP)
-    time_sampling: str = "uniform"  # "uniform" or "lognormal"
+    path: FlowPath = "linear"       # "linear" or "cosine" (GVP)
+    time_sampling: TimeSampling = "uniform"
     lognormal_mean: float = 0.0
     lognormal_std: float = 1.0
     # ddpm
     num_timesteps: int = 1000
-    beta_schedule: str = "linear"   # "linear" (DiT) or "squaredcos_cap_v2"
+    beta_schedule: BetaSchedule = "linear"   # "linear" (DiT) or "squaredcos_cap_v2"
     learn_sigma: bool = True        # must match model.learn_sigma (DiT presets: True)
-    fixed_variance: str = "large"   # variance without learn_sigma: "large" or "small"
+    fixed_variance: FixedVariance = "large"  # variance without learn_sigma
 
     def flow_config(self) -> FlowConfig:
         return FlowConfig(path=self.path, time_sampling=self.time_sampling,
@@ -35,8 +37,7 @@ class ObjectiveConfig:
                           learn_sigma=self.learn_sigma, fixed_variance=self.fixed_variance)
 
     def validate(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"objective.kind={self.kind!r} is not one of {KINDS}")
+        check_choices(self, "objective")
         (self.flow_config() if self.kind == "flow" else self.ddpm_config()).validate()
 
 
@@ -55,5 +56,5 @@ def build_objective(config: ObjectiveConfig | FlowConfig | DDPMConfig | None = N
 
 
 __all__ = ["Objective", "expand_time", "mean_flat", "FlowConfig", "FlowObjective", "DDPMConfig",
-           "DDPMObjective", "GaussianDiffusion", "space_timesteps", "ObjectiveConfig", "KINDS",
+           "DDPMObjective", "GaussianDiffusion", "space_timesteps", "ObjectiveConfig", "ObjectiveKind",
            "build_objective"]

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
+from ..config.loader import check_choices
+from ..errors import ConfigError
 from .base import Objective, expand_time, mean_flat
 
-BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
-FIXED_VARIANCES = ("large", "small")
+BetaSchedule = Literal["linear", "squaredcos_cap_v2"]
+FixedVariance = Literal["large", "small"]
 
 
 # -- schedules and respacing ---------------------------------------------------------------
@@ -40,7 +43,7 @@ def named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
             return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
         return np.array([min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), 0.999)
                          for i in range(num_timesteps)], dtype=np.float64)
-    raise ValueError(f"objective.beta_schedule={name!r} is not one of {BETA_SCHEDULES}")
+    raise ValueError(f"objective.beta_schedule={name!r} is not one of {get_args(BetaSchedule)}")
 
 
 def space_timesteps(num_timesteps: int, spacing: str) -> list[int]:
@@ -54,23 +57,23 @@ def space_timesteps(num_timesteps: int, spacing: str) -> list[int]:
         try:
             wanted = int(spacing[4:])
         except ValueError:
-            raise ValueError(f"respacing {spacing!r}: expected 'ddimN', e.g. 'ddim50'") from None
+            raise ConfigError(f"respacing {spacing!r}: expected 'ddimN', e.g. 'ddim50'") from None
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == wanted:
                 return list(range(0, num_timesteps, stride))
-        raise ValueError(f"respacing {spacing!r}: no constant stride gives exactly {wanted} of "
-                         f"{num_timesteps} steps; use a plain count such as '{wanted}'")
+        raise ConfigError(f"respacing {spacing!r}: no constant stride gives exactly {wanted} of "
+                          f"{num_timesteps} steps; use a plain count such as '{wanted}'")
     try:
         counts = [int(part) for part in spacing.split(",")]
     except ValueError:
-        raise ValueError(f"respacing {spacing!r}: expected a step count ('250'), section counts "
-                         f"('10,20') or 'ddimN'") from None
+        raise ConfigError(f"respacing {spacing!r}: expected a step count ('250'), section counts "
+                          f"('10,20') or 'ddimN'") from None
     size_per, extra = divmod(num_timesteps, len(counts))
     start, steps = 0, []
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if not 1 <= count <= size:
-            raise ValueError(f"respacing {spacing!r}: cannot take {count} steps from a section of {size}")
+            raise ConfigError(f"respacing {spacing!r}: cannot take {count} steps from a section of {size}")
         stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
         steps += [start + round(stride * j) for j in range(count)]
         start += size
@@ -242,17 +245,14 @@ class GaussianDiffusion:
 @dataclass
 class DDPMConfig:
     num_timesteps: int = 1000
-    beta_schedule: str = "linear"     # ADM names: "linear" (DiT), "squaredcos_cap_v2"
+    beta_schedule: BetaSchedule = "linear"    # ADM names: "linear" (DiT), "squaredcos_cap_v2"
     learn_sigma: bool = True          # DiT: the model outputs eps and the variance (2C channels)
-    fixed_variance: str = "large"     # without learn_sigma: ADM's FIXED_LARGE or FIXED_SMALL
+    fixed_variance: FixedVariance = "large"   # without learn_sigma: ADM's FIXED_LARGE or FIXED_SMALL
 
     def validate(self) -> None:
         if self.num_timesteps < 2:
             raise ValueError(f"objective.num_timesteps must be >= 2, got {self.num_timesteps}")
-        if self.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"objective.beta_schedule={self.beta_schedule!r} is not one of {BETA_SCHEDULES}")
-        if self.fixed_variance not in FIXED_VARIANCES:
-            raise ValueError(f"objective.fixed_variance={self.fixed_variance!r} is not one of {FIXED_VARIANCES}")
+        check_choices(self, "objective")
 
 
 class DDPMObjective(Objective):

@@ -7,27 +7,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from ..config.loader import check_choices
 from .base import Objective, expand_time, mean_flat
 
-PATHS = ("linear", "cosine")
-TIME_SAMPLING = ("uniform", "lognormal")
+FlowPath = Literal["linear", "cosine"]
+TimeSampling = Literal["uniform", "lognormal"]
 
 
 @dataclass
 class FlowConfig:
-    path: str = "linear"            # "linear" (alpha=1-t, sigma=t) or "cosine" (GVP)
-    time_sampling: str = "uniform"  # "uniform" or "lognormal" (t = sigmoid(N(mean, std)))
+    path: FlowPath = "linear"       # "linear" (alpha=1-t, sigma=t) or "cosine" (GVP)
+    time_sampling: TimeSampling = "uniform"   # "lognormal": t = sigmoid(N(mean, std))
     lognormal_mean: float = 0.0
     lognormal_std: float = 1.0
 
     def validate(self) -> None:
-        if self.path not in PATHS:
-            raise ValueError(f"objective.path={self.path!r} is not one of {PATHS}")
-        if self.time_sampling not in TIME_SAMPLING:
-            raise ValueError(f"objective.time_sampling={self.time_sampling!r} is not one of {TIME_SAMPLING}")
+        check_choices(self, "objective")
         if self.lognormal_std <= 0:
             raise ValueError(f"objective.lognormal_std must be > 0, got {self.lognormal_std}")
 

@@ -19,11 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..conventions import SD_VAE_SCALE
-from ..formats import shards as fmt
 from ..data.sources import ImageReader, SourceListing, list_images
+from ..data.transforms import uint8_to_model
 from ..data.vae import DEFAULT_VAE, LatentVAE
+from ..devices import pick_device
+from ..errors import DataError, UsageError
+from ..formats import shards as fmt
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,21 +54,21 @@ class PrepareConfig:
 
     def validate(self) -> None:
         if self.image_size < 8 or self.image_size % 8 or self.image_size > 4096:
-            raise ValueError(f"image size {self.image_size} is invalid: use a multiple of 8 "
+            raise UsageError(f"image size {self.image_size} is invalid: use a multiple of 8 "
                              f"(the SD-VAE downsamples by 8), e.g. 256 or 512")
         if self.file_format not in fmt.FORMATS:
-            raise ValueError(f"format {self.file_format!r} is not one of {fmt.FORMATS}")
+            raise UsageError(f"format {self.file_format!r} is not one of {fmt.FORMATS}")
         if self.dtype not in fmt.DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not one of {tuple(fmt.DTYPES)}")
+            raise UsageError(f"dtype {self.dtype!r} is not one of {tuple(fmt.DTYPES)}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r} is not one of {tuple(PRECISIONS)}")
+            raise UsageError(f"precision {self.precision!r} is not one of {tuple(PRECISIONS)}")
         for key in ("shard_size", "batch_size", "world_size"):
             if getattr(self, key) < 1:
-                raise ValueError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+                raise UsageError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is outside 0..{self.world_size - 1}")
+            raise UsageError(f"rank {self.rank} is outside 0..{self.world_size - 1}")
         if self.scale <= 0:
-            raise ValueError(f"scale must be > 0, got {self.scale}")
+            raise UsageError(f"scale must be > 0, got {self.scale}")
 
     def identity(self, listing: SourceListing) -> dict:
         """What the shards' contents depend on; a resumed prepare must match it exactly."""
@@ -114,14 +118,6 @@ def distributed_defaults() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
-def _device(config: PrepareConfig) -> torch.device:
-    if config.device:
-        return torch.device(config.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", distributed_defaults()[2] % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 def _check_identity(out: Path, identity: dict) -> None:
     path = out / "prepare.json"
     if path.is_file():
@@ -131,7 +127,7 @@ def _check_identity(out: Path, identity: dict) -> None:
             previous = None
         if previous != identity:
             diff = next((k for k in identity if (previous or {}).get(k) != identity[k]), "prepare.json")
-            raise ValueError(f"{str(out)!r} holds a prepare with different settings ({diff}: "
+            raise UsageError(f"{str(out)!r} holds a prepare with different settings ({diff}: "
                              f"{(previous or {}).get(diff)!r} vs {identity.get(diff)!r}); use another "
                              f"output folder or delete that one")
     else:
@@ -153,7 +149,6 @@ def _finished(out: Path, shard: int, file_format: str) -> bool:
 def _encode_batch(vae: LatentVAE, arrays: list[np.ndarray], flip: bool,
                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Encode one batch of uint8 images (and, with ``flip``, their mirror images)."""
-    from ..data.transforms import uint8_to_model
     x = uint8_to_model(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
     mean, std = vae.encode(x)
     out = {"mean": mean.to(dtype).cpu(), "std": std.to(dtype).cpu()}
@@ -199,7 +194,7 @@ def _write_index(out: Path, config: PrepareConfig, listing: SourceListing, num_s
         records.append(json.loads(path.read_text()))
     shapes = {tuple(r["latent_shape"]) for r in records if r["latent_shape"]}
     if len(shapes) > 1:
-        raise ValueError(f"shards of {str(out)!r} have different latent shapes {sorted(shapes)}")
+        raise DataError(f"shards of {str(out)!r} have different latent shapes {sorted(shapes)}")
     sums = [r["channel_sums"] for r in records if r["channel_sums"]]
     channel_stats = None
     if sums:
@@ -237,7 +232,7 @@ def prepare(config: PrepareConfig, vae: LatentVAE | None = None) -> PrepareResul
     listing = list_images(config.source)
     out = Path(config.out).expanduser()
     if out.exists() and not out.is_dir():
-        raise ValueError(f"output {str(out)!r} exists and is not a folder")
+        raise UsageError(f"output {str(out)!r} exists and is not a folder")
     (out / fmt.SHARD_DIR).mkdir(parents=True, exist_ok=True)
     _check_identity(out, config.identity(listing))
     if config.world_size == 1:   # other ranks may be writing theirs right now
@@ -255,10 +250,11 @@ def prepare(config: PrepareConfig, vae: LatentVAE | None = None) -> PrepareResul
 
     if pending:
         if vae is None:
-            vae = LatentVAE.load(config.vae, device=_device(config), dtype=PRECISIONS[config.precision],
+            device = pick_device(config.device or "auto", distributed_defaults()[2])
+            vae = LatentVAE.load(config.vae, device=device, dtype=PRECISIONS[config.precision],
                                  batch_size=config.batch_size)
         if config.image_size % vae.downsample_factor:
-            raise ValueError(f"image size {config.image_size} is not divisible by the VAE's "
+            raise UsageError(f"image size {config.image_size} is not divisible by the VAE's "
                              f"downsampling factor {vae.downsample_factor}")
         _encode_pending(out, config, listing, vae, pending, result)
 
@@ -269,8 +265,6 @@ def prepare(config: PrepareConfig, vae: LatentVAE | None = None) -> PrepareResul
 
 def _encode_pending(out: Path, config: PrepareConfig, listing: SourceListing, vae: LatentVAE,
                     pending: list[int], result: PrepareResult) -> None:
-    from tqdm import tqdm
-
     size = config.shard_size
     ranges = {s: range(s * size, min((s + 1) * size, len(listing))) for s in pending}
     # Batches never cross a shard boundary, and the DataLoader yields them in order.

@@ -1,33 +1,26 @@
 """Alignment regularizers, chosen by name in the config and combined freely.
 
-``REGISTRY`` maps a name to ``(ConfigClass, builder)``; ``builder(config, model)`` returns the
-:class:`Regularizer` for a backbone. New regularizers register here and nowhere else.
+Every module of this package is imported here, so each ``@register(name, ConfigClass)`` runs and
+``REGISTRY`` knows every regularizer: adding one is adding its module (see :mod:`.base`).
+Regularizer classes are imported from their modules (``selfalign.regularizers.sra``).
 """
 from __future__ import annotations
 
-from .base import Progress, Regularizer, StepContext
-from .distances import DISTANCES, get_distance
-from .sra import LAYER_PRESETS, SRA, SRAConfig
-from .dispersive import Dispersive, DispersiveConfig
-from .dts import DTS, DTSConfig
-from .repa import REPA, REPAConfig
-from .sra2 import SRA2, SRA2Config
+import importlib
+import pkgutil
 
-REGISTRY = {
-    "sra": (SRAConfig, lambda cfg, model: SRA(cfg, model.config.hidden_size, model.config.depth)),
-    "repa": (REPAConfig, lambda cfg, model: REPA(cfg, model)),
-    "dispersive": (DispersiveConfig, lambda cfg, model: Dispersive(cfg, model.config.depth)),
-    "sra2": (SRA2Config, lambda cfg, model: SRA2(cfg, model)),
-    "dts": (DTSConfig, lambda cfg, model: DTS(cfg, model)),
-}
+from .base import (REGISTRY, Progress, Registration, Regularizer, RegularizerConfig, StepContext,
+                   build_regularizer, register)
+from .distances import DISTANCES, Distance, get_distance
 
 
-def build_regularizer(name: str, config, model):
-    if name not in REGISTRY:
-        raise ValueError(f"unknown regularizer {name!r}: choose from {sorted(REGISTRY)}")
-    return REGISTRY[name][1](config, model)
+def import_all_modules() -> None:
+    """Import every module found on this package's path (each registers what it defines)."""
+    for module in pkgutil.iter_modules(__path__, prefix=f"{__name__}."):
+        importlib.import_module(module.name)
 
 
-__all__ = ["Progress", "Regularizer", "StepContext", "DISTANCES", "get_distance", "LAYER_PRESETS",
-           "SRA", "SRAConfig", "REPA", "REPAConfig", "Dispersive", "DispersiveConfig", "SRA2",
-           "SRA2Config", "DTS", "DTSConfig", "REGISTRY", "build_regularizer"]
+import_all_modules()
+
+__all__ = ["Progress", "Regularizer", "RegularizerConfig", "Registration", "StepContext", "REGISTRY",
+           "register", "build_regularizer", "DISTANCES", "Distance", "get_distance", "import_all_modules"]

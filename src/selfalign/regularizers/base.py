@@ -1,7 +1,16 @@
-"""The interface of an alignment regularizer, and the per-step context it reads.
+"""The contract of an alignment regularizer, its registry, and the per-step context it reads.
 
-A regularizer is an ``nn.Module`` (its trainable heads are ordinary submodules, optimised and
-checkpointed with the model) with its own config dataclass. Per step the trainer
+A regularizer is two classes in one module of this package:
+
+* a settings dataclass deriving from :class:`RegularizerConfig` (the mapping under its name in a
+  config's ``regularizers:``), which checks its ranges in ``validate(depth)`` and may fill
+  model-dependent defaults in ``for_model(preset)``;
+* an ``nn.Module`` deriving from :class:`Regularizer`, built as ``Regularizer(config, backbone)``
+  from the backbone's :class:`~selfalign.models.BackboneConfig` (its trainable heads are ordinary
+  submodules, optimised and checkpointed with the model), and registered under its name with
+  ``@register(name, ConfigClass)``.
+
+Per step the trainer
 
 1. builds a :class:`StepContext` (clean data, noise, time, noisy input, dropped labels),
 2. calls :meth:`Regularizer.prepare` on each regularizer (which may change the student's
@@ -15,11 +24,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager
+from typing import Callable, ClassVar, ContextManager, NamedTuple
 
 import torch
 from torch import nn
 
+from ..config.loader import check_choices
+from ..errors import ConfigError
+from ..models.backbone import BackboneConfig
 from ..objectives.base import Objective
 
 
@@ -61,11 +73,54 @@ class StepContext:
     model_output: torch.Tensor | None = None
 
 
+@dataclass
+class RegularizerConfig:
+    """Base of every regularizer's settings; closed choices are ``Literal`` fields."""
+
+    #: the regularizer's name in configs, set by :func:`register`; messages name keys with it
+    name: ClassVar[str] = "regularizer"
+
+    weight: float = 1.0     # lambda, the loss's weight (a subclass states its own default)
+
+    @classmethod
+    def for_model(cls, preset: str, **overrides):
+        """The settings for a model preset ("SiT-XL/2") before a config's own values: a subclass
+        with model-dependent defaults (e.g. the paper's layers) fills them here."""
+        return cls(**overrides)
+
+    def validate(self, depth: int) -> None:
+        """One-line :class:`ConfigError` for a bad value; ``depth`` is the backbone's block count.
+
+        A subclass calls ``super().validate(depth)`` and adds its ranges with the helpers below."""
+        check_choices(self, self.name)
+        self.check_at_least("weight", 0.0)
+
+    # -- helpers for validate(): each names the key as ``<name>.<key>`` -----------------------
+    def check_at_least(self, key: str, low: float, *, strict: bool = False) -> None:
+        value = getattr(self, key)
+        if value < low or (strict and value == low):
+            raise ConfigError(f"{self.name}.{key} must be {'>' if strict else '>='} {low:g}, got {value}")
+
+    def check_between(self, key: str, low: float, high: float, *, open_low: bool = False) -> None:
+        value = getattr(self, key)
+        if not (low < value if open_low else low <= value) or value > high:
+            interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+            raise ConfigError(f"{self.name}.{key} must be in {interval}, got {value}")
+
+    def check_block(self, key: str, depth: int) -> None:
+        """A 1-based block index of a ``depth``-block backbone (None: left to the regularizer)."""
+        value = getattr(self, key)
+        if value is not None and not 1 <= value <= depth:
+            raise ConfigError(f"{self.name}.{key}={value} must be a block in 1..{depth}")
+
+
 class Regularizer(nn.Module):
     """Base class: override :meth:`loss` and, as needed, the other hooks."""
 
-    #: short name used in configs and in the logged loss (``loss/<name>``)
-    name: str = "regularizer"
+    def __init__(self, config: RegularizerConfig, backbone: BackboneConfig):
+        super().__init__()
+        config.validate(backbone.depth)
+        self.config = config
 
     def student_layers(self) -> tuple[int, ...]:
         """Blocks (1-based) whose outputs the student forward must return."""
@@ -88,7 +143,8 @@ class Regularizer(nn.Module):
         """Optionally change the student's input (``ctx.x_t``, ``ctx.t``, ``ctx.attn_groups``)."""
 
     def weight(self, progress: Progress) -> float:
-        raise NotImplementedError
+        """The loss's weight at this point of training (default: the constant ``config.weight``)."""
+        return self.config.weight
 
     def loss(self, ctx: StepContext) -> torch.Tensor:
         """The unweighted scalar loss for this step."""
@@ -96,3 +152,39 @@ class Regularizer(nn.Module):
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
         return self.loss(ctx)
+
+
+class Registration(NamedTuple):
+    config: type[RegularizerConfig]
+    regularizer: type[Regularizer]
+
+
+#: name -> (settings class, regularizer class); filled by :func:`register` as the package's
+#: modules are imported (``selfalign.regularizers`` imports all of them)
+REGISTRY: dict[str, Registration] = {}
+
+
+def register(name: str, config_class: type[RegularizerConfig]):
+    """Class decorator: make a :class:`Regularizer` available as ``regularizers: {name: ...}``."""
+    def decorate(regularizer_class: type[Regularizer]) -> type[Regularizer]:
+        if not (issubclass(regularizer_class, Regularizer) and issubclass(config_class, RegularizerConfig)):
+            raise TypeError(f"register({name!r}): needs a Regularizer and a RegularizerConfig subclass")
+        known = REGISTRY.get(name)
+        if known and _qualified(known.regularizer) != _qualified(regularizer_class):
+            raise TypeError(f"two regularizers are named {name!r}: {_qualified(known.regularizer)} "
+                            f"and {_qualified(regularizer_class)}")
+        config_class.name = name
+        REGISTRY[name] = Registration(config_class, regularizer_class)
+        return regularizer_class
+    return decorate
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def build_regularizer(name: str, config: RegularizerConfig, backbone: BackboneConfig) -> Regularizer:
+    """The registered regularizer ``name`` for a backbone of shape ``backbone``."""
+    if name not in REGISTRY:
+        raise ConfigError(f"regularizers.{name}: unknown regularizer; choose from {sorted(REGISTRY)}")
+    return REGISTRY[name].regularizer(config, backbone)

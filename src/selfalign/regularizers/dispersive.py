@@ -25,41 +25,35 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .base import Progress, Regularizer, StepContext
+from ..models.backbone import BackboneConfig
+from .base import Regularizer, RegularizerConfig, StepContext, register
 
-DISTANCES = ("l2", "cosine")
-POOLINGS = ("flatten", "mean")
-SCOPES = ("global", "local")
+DispersiveDistance = Literal["l2", "cosine"]
 
 
 @dataclass
-class DispersiveConfig:
+class DispersiveConfig(RegularizerConfig):
     layer: int | None = None    # block b (1-based); None: the last block (released code)
     weight: float = 0.25
     temperature: float = 1.0
-    distance: str = "l2"
-    pooling: str = "flatten"
-    scope: str = "global"
+    distance: DispersiveDistance = "l2"
+    pooling: Literal["flatten", "mean"] = "flatten"
+    scope: Literal["global", "local"] = "global"
 
-    def validate(self, depth: int | None = None) -> None:
-        if self.layer is not None and (self.layer < 1 or (depth is not None and self.layer > depth)):
-            raise ValueError(f"dispersive.layer={self.layer} must be a block in 1..{depth or 'depth'}")
-        if self.weight < 0:
-            raise ValueError(f"dispersive.weight must be >= 0, got {self.weight}")
-        if self.temperature <= 0:
-            raise ValueError(f"dispersive.temperature must be > 0, got {self.temperature}")
-        for key, value, options in (("distance", self.distance, DISTANCES),
-                                    ("pooling", self.pooling, POOLINGS), ("scope", self.scope, SCOPES)):
-            if value not in options:
-                raise ValueError(f"dispersive.{key}={value!r} is not one of {options}")
+    def validate(self, depth: int) -> None:
+        super().validate(depth)
+        self.check_block("layer", depth)
+        self.check_at_least("temperature", 0.0, strict=True)
 
 
-def dispersive_loss(z: torch.Tensor, temperature: float = 1.0, distance: str = "l2") -> torch.Tensor:
+def dispersive_loss(z: torch.Tensor, temperature: float = 1.0,
+                    distance: DispersiveDistance = "l2") -> torch.Tensor:
     """``log mean_{i,j} exp(-D(z_i, z_j) / tau)`` over all pairs of rows of ``z`` (B, F)."""
     z = z.float()
     if distance == "l2":
@@ -72,7 +66,7 @@ def dispersive_loss(z: torch.Tensor, temperature: float = 1.0, distance: str = "
         zn = F.normalize(z, dim=1)
         d = -(zn @ zn.T)
     else:
-        raise ValueError(f"unknown dispersive distance {distance!r}: choose from {DISTANCES}")
+        raise ValueError(f"unknown dispersive distance {distance!r}: choose from {get_args(DispersiveDistance)}")
     logits = (-d / temperature).flatten()
     return torch.logsumexp(logits, dim=0) - math.log(logits.numel())
 
@@ -90,20 +84,14 @@ def gather_with_local_grad(z: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@register("dispersive", DispersiveConfig)
 class Dispersive(Regularizer):
-    name = "dispersive"
-
-    def __init__(self, config: DispersiveConfig, depth: int):
-        super().__init__()
-        config.validate(depth)
-        self.config = config
-        self.layer = config.layer or depth
+    def __init__(self, config: DispersiveConfig, backbone: BackboneConfig):
+        super().__init__(config, backbone)
+        self.layer = config.layer or backbone.depth
 
     def student_layers(self):
         return (self.layer,)
-
-    def weight(self, progress: Progress) -> float:
-        return self.config.weight
 
     def loss(self, ctx: StepContext) -> torch.Tensor:
         feats = ctx.features[self.layer]

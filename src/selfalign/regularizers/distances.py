@@ -1,10 +1,14 @@
 """Distances between student predictions and targets, by name, averaged to a scalar.
 
-Inputs are token tensors ``(B, N, D)``.
+Inputs are token tensors ``(B, N, D)``. A config field naming one is typed :data:`Distance`.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch.nn.functional as F
+
+Distance = Literal["smooth_l1", "cosine", "channel_cosine", "negative_cosine", "l1", "l2"]
 
 SMOOTH_L1_BETA = 0.05   # the SRA paper's beta
 

@@ -24,52 +24,32 @@ Only training changes: inference uses full attention and one time per image, as 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
-from torch import nn
 
-from .base import Progress, Regularizer, StepContext
-from .distances import get_distance
-from .sra import preset_layers, projection_head
-
-TEACHER_TIMES = ("min", "per_group")
+from ..errors import ConfigError
+from ..models.backbone import BackboneConfig
+from .base import StepContext, register
+from .distances import Distance
+from .sra import StudentTeacherConfig, StudentTeacherRegularizer
 
 
 @dataclass
-class DTSConfig:
-    student_layer: int = 8
-    teacher_layer: int = 20
+class DTSConfig(StudentTeacherConfig):
     fraction: float = 0.25          # share of each image's tokens that gets the second time
     dual_timestep: bool = True      # False: both groups share t (attention separation alone)
     attention_separation: bool = True
-    teacher_time: str = "min"       # "min": whole image at min(t, t2); "per_group": each its own
+    teacher_time: Literal["min", "per_group"] = "min"   # whole image at min(t, t2), or each its own
     teacher_k_max: float = 0.0      # SRA's earlier teacher time (released script: 0.2)
     teacher_attention_separation: bool = False   # group mask for the teacher too
-    distance: str = "cosine"        # per-token 1 - cos; "channel_cosine" is the released code's
+    distance: Distance = "cosine"   # per-token 1 - cos; "channel_cosine" is the released code's
     weight: float = 0.5
-    head: bool = True
-    teacher_truncate: bool = True   # stop the teacher after block n
 
-    @classmethod
-    def for_model(cls, preset: str, **overrides) -> "DTSConfig":
-        m, n = preset_layers(preset, "DTS")
-        return cls(**{"student_layer": m, "teacher_layer": n, **overrides})
-
-    def validate(self, depth: int | None = None) -> None:
-        if not 1 <= self.student_layer <= self.teacher_layer:
-            raise ValueError(f"dts.student_layer={self.student_layer} must be in 1..teacher_layer="
-                             f"{self.teacher_layer}")
-        if depth is not None and self.teacher_layer > depth:
-            raise ValueError(f"dts.teacher_layer={self.teacher_layer} is beyond the model depth {depth}")
-        if not 0.0 <= self.fraction <= 1.0:
-            raise ValueError(f"dts.fraction must be in [0, 1], got {self.fraction}")
-        if self.teacher_time not in TEACHER_TIMES:
-            raise ValueError(f"dts.teacher_time={self.teacher_time!r} is not one of {TEACHER_TIMES}")
-        if not 0.0 <= self.teacher_k_max <= 1.0:
-            raise ValueError(f"dts.teacher_k_max must be in [0, 1], got {self.teacher_k_max}")
-        get_distance(self.distance)
-        if self.weight < 0:
-            raise ValueError(f"dts.weight must be >= 0, got {self.weight}")
+    def validate(self, depth: int) -> None:
+        super().validate(depth)
+        self.check_between("fraction", 0.0, 1.0)
+        self.check_between("teacher_k_max", 0.0, 1.0)
 
 
 def split_tokens(batch: int, tokens: int, fraction: float, device,
@@ -81,33 +61,20 @@ def split_tokens(batch: int, tokens: int, fraction: float, device,
     return groups.scatter_(1, order[:, :count], 1)
 
 
-class DTS(Regularizer):
-    name = "dts"
-
-    def __init__(self, config: DTSConfig, model: nn.Module):
-        super().__init__()
-        config.validate(model.config.depth)
-        self.config = config
-        self.distance = get_distance(config.distance)
-        self.head = projection_head(model.config.hidden_size) if config.head else nn.Identity()
+@register("dts", DTSConfig)
+class DTS(StudentTeacherRegularizer):
+    def __init__(self, config: DTSConfig, backbone: BackboneConfig):
+        super().__init__(config, backbone)
         self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    def student_layers(self):
-        return (self.config.student_layer,)
-
-    def needs_teacher(self):
-        return True
-
-    def weight(self, progress: Progress) -> float:
-        return self.config.weight
 
     def prepare(self, ctx: StepContext) -> None:
         c, obj = self.config, ctx.objective
         if obj.kind != "flow":
-            raise ValueError("dts needs a flow objective (SiT): per-token times are not defined "
-                             "for the DDPM objective's variance terms")
+            raise ConfigError("regularizers.dts needs objective.kind=flow (SiT): per-token times are not "
+                              "defined for the DDPM objective's variance terms")
         if ctx.t.dim() != 1 or ctx.attn_groups is not None:
-            raise ValueError("dts found per-token times already set: use one token-time regularizer")
+            raise ConfigError("regularizers.dts found per-token times already set: use one token-time "
+                              "regularizer")
         batch, device = ctx.x0.shape[0], ctx.x0.device
         groups = split_tokens(batch, ctx.model.config.num_tokens, c.fraction, device, ctx.generator)
         t = ctx.t

@@ -13,7 +13,7 @@ Adapters:
   :func:`load_dinov2` builds one from a local weight file or a hub id (timm is an optional extra,
   imported only here, only when asked for).
 * :class:`FeatureMapEncoder` -- any network returning a spatial feature map (B, C, h, w), e.g. the
-  Fashion-MNIST classifier of :mod:`selfalign.evaluation` (the offline stand-in for DINOv2).
+  Fashion-MNIST classifier of :mod:`selfalign.models.classifier` (the offline stand-in for DINOv2).
 
 Encoders are frozen: :func:`freeze` puts them in eval mode without gradients. REPA keeps them out
 of its module tree, so they are never optimised, wrapped in DDP, or written to checkpoints.
@@ -26,7 +26,11 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
+
+from ..errors import CheckpointError, ConfigError, UsageError
+from ..models.classifier import load_classifier
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -171,7 +175,6 @@ def fashion_classifier_encoder(weights: str | None = None, *, stage: int = -1,
     the [0, 1] step). Its tokens cover the central 28 pixels; resampled to the student's grid they
     are offset by at most the 2-pixel blank padding.
     """
-    from ..models.classifier import load_classifier
     model = classifier if classifier is not None else load_classifier(weights)
     width = model.stages[stage][-1][0].out_channels      # the stage's last conv
     return FeatureMapEncoder(model, width, channels=1, mean=(0.5,), std=(0.5,),
@@ -182,14 +185,13 @@ def _import_timm():
     try:
         import timm  # noqa: F401  (optional extra)
     except ImportError:
-        raise ImportError("the timm layout needs timm: pip install 'selfalign[timm]' "
-                          "(or use encoder_layout: hub)") from None
+        raise UsageError("the timm layout needs timm: pip install 'selfalign[timm]' "
+                         "(or use encoder_layout: hub)") from None
     return timm
 
 
 def _read_state_dict(path: Path) -> dict:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict", "teacher"):
@@ -203,7 +205,7 @@ def parse_dinov2_name(name: str) -> tuple[str, bool]:
     parts = name.lower().split("-")
     if len(parts) not in (2, 3) or parts[0] != "dinov2" or not parts[1].startswith("vit") \
             or parts[1][3:] not in {f"{s}14" for s in DINOV2_SIZES} or parts[2:] not in ([], ["reg"]):
-        raise ValueError(f"unknown DINOv2 encoder {name!r}: expected dinov2-vit{{s,b,l,g}}14[-reg]")
+        raise ConfigError(f"unknown DINOv2 encoder {name!r}: expected dinov2-vit{{s,b,l,g}}14[-reg]")
     return parts[1][3], len(parts) == 3
 
 
@@ -220,8 +222,8 @@ def load_dinov2(name: str = "dinov2-vitb14", *, layout: str = "timm", weights: s
     input_size = DINOV2_PATCH * grid
     local = Path(weights) if weights and not weights.startswith("hf-hub:") else None
     if local is not None and not local.is_file():
-        raise FileNotFoundError(f"encoder weights {weights!r} not found: give a local .safetensors/.pth "
-                                "file, or leave encoder_weights empty to download")
+        raise CheckpointError(f"encoder weights {weights!r} not found: give a local .safetensors/.pth "
+                              "file, or leave encoder_weights empty to download")
     if layout == "timm":
         timm = _import_timm()
         width = {"s": "small", "b": "base", "l": "large", "g": "giant"}[size]

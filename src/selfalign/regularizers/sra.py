@@ -1,4 +1,4 @@
-"""Self-Representation Alignment (SRA, arXiv 2505.02831), to the letter of SPEC section 2.
+"""Self-Representation Alignment (SRA, arXiv 2505.02831), as the paper specifies it.
 
 The student's block ``m`` output, seen through a 2-layer SiLU head, predicts the EMA teacher's
 raw block ``n`` output for the same data, the same noise and the same dropped labels at an
@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+from ..models.backbone import BackboneConfig
 from ..models.fp8 import float8_view, fp8_unavailable_reason
-from .base import Progress, Regularizer, StepContext
-from .distances import get_distance
+from .base import Progress, Regularizer, RegularizerConfig, StepContext, register
+from .distances import Distance, get_distance
 
-# SPEC section 2's table: (student block m, teacher block n), 1-based. k_max is 0.2 for all of
+# The paper's layer table: (student block m, teacher block n), 1-based. k_max is 0.2 for all of
 # them (200 of 1000 steps for DiT). The small CPU sizes follow the authors' rule of thumb
 # (student near 1/4 of the depth, teacher near 3/4).
 LAYER_PRESETS = {
@@ -31,62 +34,60 @@ def preset_layers(preset: str, method: str = "SRA") -> tuple[int, int]:
     """(student block m, teacher block n) of the layer table for "SiT-XL/2" or "SiT-XL"."""
     key = preset.split("/")[0]
     if key not in LAYER_PRESETS:
-        raise ValueError(f"no {method} layer preset for {preset!r}: known {sorted(LAYER_PRESETS)}")
+        raise ConfigError(f"no {method} layer preset for {preset!r}: known {sorted(LAYER_PRESETS)}")
     return LAYER_PRESETS[key]
 
 
 # "autocast": as the student; "fp32": the released code; "fp8": as the student, with the blocks'
 # attention/MLP linears as row-scaled e4m3 matmuls (selfalign.models.fp8): for Ada/Hopper GPUs; a
-# CPU runs PyTorch's emulated kernel, slower than "autocast" (0.59x teacher on cpu-tiny), for tests.
-TEACHER_PRECISIONS = ("autocast", "fp32", "fp8")
-WEIGHT_SCHEDULES = ("constant", "official_decay")
+# CPU runs PyTorch's emulated kernel, slower than "autocast", for tests.
+TeacherPrecision = Literal["autocast", "fp32", "fp8"]
 
 
 @dataclass
-class SRAConfig:
+class StudentTeacherConfig(RegularizerConfig):
+    """Settings of a regularizer aligning student block m, through a head, to the EMA teacher's block n."""
+
     student_layer: int = 8
     teacher_layer: int = 20
-    k_max: float = 0.2              # fraction of the time range (DiT: 0.2 = 200 steps)
-    distance: str = "smooth_l1"     # paper: smooth_l1 (beta 0.05); code: channel_cosine
-    weight: float = 0.2             # lambda; the base value for official_decay
-    weight_schedule: str = "constant"
-    decay_start_epoch: int = 149    # official_decay: 149 at 256 px, 99 at 512 px
-    decay_period: float = 1000.0    # official_decay: 1000 at 256 px, 800 at 512 px
+    distance: Distance = "smooth_l1"    # SRA paper: smooth_l1 (beta 0.05); SRA code: channel_cosine
     head: bool = True               # the paper's "no projection head" ablation sets False
     teacher_truncate: bool = True   # stop the teacher after block n (False: released code)
-    teacher_precision: str = "autocast"   # "autocast" (as the student) | "fp32" (released) | "fp8"
-    teacher_fraction: float = 1.0   # align only the first fraction of the batch (cheaper)
 
     @classmethod
-    def for_model(cls, preset: str, **overrides) -> "SRAConfig":
+    def for_model(cls, preset: str, **overrides):
         """The paper's layers for a model preset name ("SiT-XL/2") or family-size ("SiT-XL")."""
-        m, n = preset_layers(preset, "SRA")
+        m, n = preset_layers(preset, cls.name.upper())
         return cls(**{"student_layer": m, "teacher_layer": n, **overrides})
 
-    def validate(self, depth: int | None = None) -> None:
-        if self.student_layer < 1:
-            raise ValueError(f"sra.student_layer must be >= 1, got {self.student_layer}")
-        if self.teacher_layer < self.student_layer:
-            raise ValueError(f"sra.student_layer={self.student_layer} is deeper than "
-                             f"sra.teacher_layer={self.teacher_layer} (need m <= n)")
-        if depth is not None and self.teacher_layer > depth:
-            raise ValueError(f"sra.teacher_layer={self.teacher_layer} is beyond the model depth {depth}")
-        if not 0.0 <= self.k_max <= 1.0:
-            raise ValueError(f"sra.k_max must be in [0, 1], got {self.k_max}")
-        try:
-            get_distance(self.distance)
-        except ValueError as err:
-            raise ValueError(f"sra.distance: {err}") from None
-        if self.weight < 0:
-            raise ValueError(f"sra.weight must be >= 0, got {self.weight}")
-        if self.weight_schedule not in WEIGHT_SCHEDULES:
-            raise ValueError(f"sra.weight_schedule={self.weight_schedule!r} is not one of {WEIGHT_SCHEDULES}")
-        if self.teacher_precision not in TEACHER_PRECISIONS:
-            raise ValueError(f"sra.teacher_precision={self.teacher_precision!r} is not one of {TEACHER_PRECISIONS}")
-        if not 0.0 < self.teacher_fraction <= 1.0:
-            raise ValueError(f"sra.teacher_fraction must be in (0, 1], got {self.teacher_fraction}")
-        if self.decay_period <= 0:
-            raise ValueError(f"sra.decay_period must be > 0, got {self.decay_period}")
+    def validate(self, depth: int) -> None:
+        """1 <= m <= n <= depth."""
+        super().validate(depth)
+        m, n = self.student_layer, self.teacher_layer
+        if m < 1:
+            raise ConfigError(f"{self.name}.student_layer must be >= 1, got {m}")
+        if n < m:
+            raise ConfigError(f"{self.name}.student_layer={m} is deeper than {self.name}.teacher_layer={n} "
+                              f"(need m <= n)")
+        if n > depth:
+            raise ConfigError(f"{self.name}.teacher_layer={n} is beyond the model depth {depth}")
+
+
+@dataclass
+class SRAConfig(StudentTeacherConfig):
+    k_max: float = 0.2              # fraction of the time range (DiT: 0.2 = 200 steps)
+    weight: float = 0.2             # lambda; the base value for official_decay
+    weight_schedule: Literal["constant", "official_decay"] = "constant"
+    decay_start_epoch: int = 149    # official_decay: 149 at 256 px, 99 at 512 px
+    decay_period: float = 1000.0    # official_decay: 1000 at 256 px, 800 at 512 px
+    teacher_precision: TeacherPrecision = "autocast"
+    teacher_fraction: float = 1.0   # align only the first fraction of the batch (cheaper)
+
+    def validate(self, depth: int) -> None:
+        super().validate(depth)
+        self.check_between("k_max", 0.0, 1.0)
+        self.check_between("teacher_fraction", 0.0, 1.0, open_low=True)
+        self.check_at_least("decay_period", 0.0, strict=True)
 
 
 def projection_head(dim: int) -> nn.Sequential:
@@ -94,15 +95,13 @@ def projection_head(dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
 
 
-class SRA(Regularizer):
-    name = "sra"
+class StudentTeacherRegularizer(Regularizer):
+    """Base of SRA and its kin: student block m through a projection head, against teacher block n."""
 
-    def __init__(self, config: SRAConfig, hidden_size: int, depth: int):
-        super().__init__()
-        config.validate(depth)
-        self.config = config
+    def __init__(self, config: StudentTeacherConfig, backbone: BackboneConfig):
+        super().__init__(config, backbone)
         self.distance = get_distance(config.distance)
-        self.head = projection_head(hidden_size) if config.head else nn.Identity()
+        self.head = projection_head(backbone.hidden_size) if config.head else nn.Identity()
 
     def student_layers(self):
         return (self.config.student_layer,)
@@ -110,12 +109,16 @@ class SRA(Regularizer):
     def needs_teacher(self):
         return True
 
+
+@register("sra", SRAConfig)
+class SRA(StudentTeacherRegularizer):
+
     def adapt_teacher(self, teacher: nn.Module) -> nn.Module:
         if self.config.teacher_precision != "fp8":
             return teacher
         reason = fp8_unavailable_reason(next(teacher.parameters()).device)
         if reason:
-            raise ValueError(f"sra.teacher_precision=fp8: {reason}; use sra.teacher_precision=autocast")
+            raise ConfigError(f"sra.teacher_precision=fp8: {reason}; use sra.teacher_precision=autocast")
         return float8_view(teacher)
 
     def weight(self, progress: Progress) -> float:

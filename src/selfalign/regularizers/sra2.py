@@ -16,50 +16,40 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Progress, Regularizer, StepContext
-from .distances import get_distance
+from ..models.backbone import BackboneConfig
+from .base import Regularizer, RegularizerConfig, StepContext, register
+from .distances import Distance, get_distance
 from .sra import preset_layers
 
 
 @dataclass
-class SRA2Config:
+class SRA2Config(RegularizerConfig):
     layer: int = 8              # the aligned block (1-based)
     hidden_dim: int = 0         # MLP width; 0: the model's hidden size
-    distance: str = "smooth_l1"
+    distance: Distance = "smooth_l1"
     weight: float = 0.2
 
     @classmethod
     def for_model(cls, preset: str, **overrides) -> "SRA2Config":
         return cls(**{"layer": preset_layers(preset, "SRA 2")[0], **overrides})
 
-    def validate(self, depth: int | None = None) -> None:
-        if self.layer < 1 or (depth is not None and self.layer > depth):
-            raise ValueError(f"sra2.layer={self.layer} must be a block in 1..{depth or 'depth'}")
-        if self.hidden_dim < 0:
-            raise ValueError(f"sra2.hidden_dim must be >= 0, got {self.hidden_dim}")
-        get_distance(self.distance)
-        if self.weight < 0:
-            raise ValueError(f"sra2.weight must be >= 0, got {self.weight}")
+    def validate(self, depth: int) -> None:
+        super().validate(depth)
+        self.check_block("layer", depth)
+        self.check_at_least("hidden_dim", 0)
 
 
+@register("sra2", SRA2Config)
 class SRA2(Regularizer):
-    name = "sra2"
-
-    def __init__(self, config: SRA2Config, model: nn.Module):
-        super().__init__()
-        mc = model.config
-        config.validate(mc.depth)
-        self.config = config
+    def __init__(self, config: SRA2Config, backbone: BackboneConfig):
+        super().__init__(config, backbone)
         self.distance = get_distance(config.distance)
-        hidden = config.hidden_dim or mc.hidden_size
-        self.head = nn.Sequential(nn.Linear(mc.hidden_size, hidden), nn.SiLU(),
-                                  nn.Linear(hidden, mc.patch_size ** 2 * mc.in_channels))
+        hidden = config.hidden_dim or backbone.hidden_size
+        self.head = nn.Sequential(nn.Linear(backbone.hidden_size, hidden), nn.SiLU(),
+                                  nn.Linear(hidden, backbone.patch_size ** 2 * backbone.in_channels))
 
     def student_layers(self):
         return (self.config.layer,)
-
-    def weight(self, progress: Progress) -> float:
-        return self.config.weight
 
     def loss(self, ctx: StepContext) -> torch.Tensor:
         target = ctx.model.patchify(ctx.x0).float()          # (B, N, p*p*C), no gradient path

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..objectives.base import Objective
 from . import ddpm as _ddpm
 from . import flow as _flow
@@ -29,7 +30,8 @@ def sample(model: nn.Module, objective: Objective, noise: torch.Tensor, labels: 
     config.check_objective(objective.kind)
     if labels is None:
         if config.cfg_scale != 1.0:
-            raise ValueError("sampler.cfg_scale != 1 needs class labels to guide towards")
+            raise ConfigError(f"sampler.cfg_scale={config.cfg_scale} needs class labels to guide towards; "
+                              f"sample class-conditionally or set cfg_scale to 1")
         labels = torch.full((noise.shape[0],), model_num_classes(model), dtype=torch.long,
                             device=noise.device)
     if labels.shape != (noise.shape[0],):

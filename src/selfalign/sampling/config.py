@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-FLOW_SAMPLERS = ("euler", "heun", "euler_maruyama")
-DDPM_SAMPLERS = ("ddpm", "ddim")
-SAMPLERS = FLOW_SAMPLERS + DDPM_SAMPLERS
-DIFFUSIONS = ("2t", "sigma")
+from ..config.loader import check_choices
+from ..errors import ConfigError
+
+FlowSampler = Literal["euler", "heun", "euler_maruyama"]
+DDPMSampler = Literal["ddpm", "ddim"]
+SamplerName = Literal[FlowSampler, DDPMSampler]
+Diffusion = Literal["2t", "sigma"]
+FLOW_SAMPLERS = get_args(FlowSampler)
+DDPM_SAMPLERS = get_args(DDPMSampler)
+SAMPLERS = get_args(SamplerName)
+DIFFUSIONS = get_args(Diffusion)
 
 
 @dataclass
@@ -23,12 +31,12 @@ class SamplerConfig:
     the unconditional pass is not computed.
     """
 
-    name: str = "euler_maruyama"    # one of SAMPLERS
+    name: SamplerName = "euler_maruyama"
     steps: int = 250
     cfg_scale: float = 1.0          # 1.0: no guidance (and no unconditional pass)
     guidance_low: float = 0.0
     guidance_high: float = 1.0
-    diffusion: str = "2t"           # SDE diffusion w(t): "2t" (released code) or "sigma" (sigma_t)
+    diffusion: Diffusion = "2t"     # SDE diffusion w(t): "2t" (released code) or "sigma" (sigma_t)
     last_step: float = 0.04         # SDE: stochastic steps end here, then one deterministic step
     eta: float = 0.0                # DDIM: 0 deterministic, 1 ancestral-like
     respacing: str = ""             # DDPM/DDIM: "" = str(steps) as DiT; or "ddim50", "10,20,30"
@@ -36,8 +44,7 @@ class SamplerConfig:
     legacy_cfg_channels: int | None = None   # guide only the first N channels (DiT/SiT code: 3)
 
     def validate(self) -> None:
-        if self.name not in SAMPLERS:
-            raise ValueError(f"sampler.name={self.name!r} is not one of {SAMPLERS}")
+        check_choices(self, "sampler")
         if self.steps < 1:
             raise ValueError(f"sampler.steps must be >= 1, got {self.steps}")
         if self.cfg_scale < 0:
@@ -48,8 +55,6 @@ class SamplerConfig:
         if self.guidance_low > self.guidance_high:
             raise ValueError(f"sampler.guidance_low={self.guidance_low} > sampler.guidance_high="
                              f"{self.guidance_high}: the guidance interval is reversed")
-        if self.diffusion not in DIFFUSIONS:
-            raise ValueError(f"sampler.diffusion={self.diffusion!r} is not one of {DIFFUSIONS}")
         if not 0.0 < self.last_step < 1.0:
             raise ValueError(f"sampler.last_step must be in (0, 1), got {self.last_step}")
         if self.eta < 0:
@@ -61,5 +66,5 @@ class SamplerConfig:
         """One line if this sampler cannot sample an objective of ``kind``."""
         allowed = FLOW_SAMPLERS if kind == "flow" else DDPM_SAMPLERS
         if self.name not in allowed:
-            raise ValueError(f"sampler.name={self.name!r} cannot sample a {kind} objective; "
-                             f"use one of {allowed}")
+            raise ConfigError(f"sampler.name={self.name!r} cannot sample a {kind} objective; "
+                              f"use one of {allowed}")

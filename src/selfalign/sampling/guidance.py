@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..objectives.base import Objective
 from .config import SamplerConfig
 
@@ -50,7 +51,7 @@ class GuidedModel:
         cond, uncond = out.chunk(2)
         k = self.channels
         if k > out.shape[1]:
-            raise ValueError(f"sampler.legacy_cfg_channels={k} exceeds the model's {out.shape[1]} "
-                             f"output channels")
+            raise ConfigError(f"sampler.legacy_cfg_channels={k} exceeds the model's {out.shape[1]} "
+                              f"output channels")
         mixed = uncond[:, :k] + self.scale * (cond[:, :k] - uncond[:, :k])
         return torch.cat([mixed, cond[:, k:]], dim=1)

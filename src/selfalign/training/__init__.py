@@ -1,18 +1,18 @@
-"""Training: the per-step loss (:mod:`.step`), the trainer loop and its metrics, distributed helpers.
+"""Training, one module per concern:
 
-Heavy pieces are imported on first use so ``import selfalign.training`` stays cheap.
+- :mod:`.step`: one step's loss (generative objective + regularizers, one student forward) and
+  the gradient accumulation over micro-batches;
+- :mod:`.update`: the optimizer update after the backward pass (clip, finiteness check, loss
+  scaling, step, EMA);
+- :mod:`.loop`: the schedule of steps, logs, grids, evaluations and checkpoints, and the
+  interface it drives (:class:`.loop.LoopHost`);
+- :mod:`.trainer`: :func:`.trainer.train` and the :class:`.trainer.Trainer` the loop drives;
+- :mod:`.outcome`, :mod:`.metrics`, :mod:`.distributed`, :mod:`.rng`, :mod:`.samples`: how a run
+  ends, its metrics log, process groups, random state, sample grids.
+
+The held-out loss and the comparison report of runs are evaluation: :mod:`selfalign.evaluation.heldout`,
+:mod:`selfalign.evaluation.report`.
+
+Import from the modules themselves (``from selfalign.training.trainer import train``): this
+package imports nothing, so ``selfalign.training.distributed`` does not pull in the trainer.
 """
-from __future__ import annotations
-
-
-def __getattr__(name):
-    if name in ("train", "Trainer", "TrainingStopped", "RunResult"):
-        from . import trainer
-        return getattr(trainer, name)
-    if name == "TrainingStep":
-        from .step import TrainingStep
-        return TrainingStep
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["train", "Trainer", "TrainingStopped", "RunResult", "TrainingStep"]

@@ -12,6 +12,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..devices import pick_device
+from ..errors import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -29,26 +32,17 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    if requested == "cpu":
-        return torch.device("cpu")
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"train.device={requested!r} but no CUDA device is available; use train.device=cpu")
-        return torch.device(requested if ":" in requested else f"cuda:{local_rank}")
-    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init(requested_device: str = "auto") -> DistInfo:
-    """Join the process group when launched by torchrun; pick this process's device."""
+def init(requested_device: str = "auto", setting: str = "--device") -> DistInfo:
+    """Join the process group when launched by torchrun; pick this process's device
+    (``setting``: the flag or config key ``requested_device`` came from, for the error message)."""
     world_size = world_size_from_env()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(requested_device, local_rank)
+    device = pick_device(requested_device, local_rank, setting=setting)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
@@ -86,15 +80,6 @@ def broadcast_object(info: DistInfo, obj, src: int = 0):
     return box[0]
 
 
-def any_true(info: DistInfo, flag: bool) -> bool:
-    """True on every rank when ``flag`` is True on at least one."""
-    if not info.distributed:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
-
-
 def all_mean(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
     if not info.distributed:
         return values
@@ -108,5 +93,5 @@ def check_agreement(info: DistInfo, what: str, value) -> None:
     values = all_gather_objects(info, value)
     if any(v != values[0] for v in values):
         listing = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
-        raise ValueError(f"processes disagree on the {what} ({listing}); start every process with "
+        raise ConfigError(f"processes disagree on the {what} ({listing}); start every process with "
                          f"the same config and run directory")

@@ -1,14 +1,89 @@
-"""The outer loop of :class:`~selfalign.training.trainer.Trainer`: steps, logs, grids, evals, checkpoints."""
+"""The training loop: optimizer steps, log records, sample grids, evaluations and checkpoints on a schedule.
+
+The loop knows no model, optimizer or dataset. It drives a :class:`LoopHost` (the
+:class:`~selfalign.training.trainer.Trainer` is one) through the interface declared here, on a
+:class:`Schedule`. Logs, grids, evaluations and checkpoints happen when the image count crosses
+a multiple of their interval, so a resumed run does them at the same steps; a stop request
+(SIGTERM/SIGUSR1) ends the loop after a checkpoint of the step it finishes.
+"""
 from __future__ import annotations
 
+import resource
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import torch
+from tqdm import tqdm
 
-from ..errors import SelfalignError
-from ..evaluation.training_eval import evaluate, plan_line
 from . import distributed as dist_util
+from .metrics import MetricsLog
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long the loop runs and when it does what (``*_every_kimg`` of 0: never)."""
+
+    global_batch: int           # images per optimizer step, over all processes
+    total_steps: int
+    log_every_kimg: float
+    sample_every_kimg: float
+    eval_every_kimg: float
+    ckpt_every_kimg: float
+
+
+class LoopHost(Protocol):
+    """What :func:`run_loop` needs from the run it drives. Every process calls every method
+    except :meth:`evaluate` (main process only); collective ones must be called by all."""
+
+    info: dist_util.DistInfo
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken, skipped ones included; :meth:`train_step` advances it."""
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """This process's batches from :attr:`step` on: ``(x, y)`` or ``(x, y, images)``."""
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor,
+                   images: torch.Tensor | None = None) -> tuple[bool, dict[str, torch.Tensor]]:
+        """One optimizer step; ``(applied, loss terms)``, where a skipped step has ``applied`` False."""
+
+    def stop_requested(self) -> bool:
+        """A process was asked to stop (the same answer on every process after a step)."""
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step (collective)."""
+
+    def write_samples(self, metrics: MetricsLog | None) -> Path | None:
+        """Write the sample grid of the current step."""
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Evaluation metrics of the current model, or None when there are none."""
+
+    def log_fields(self, images: int) -> dict:
+        """What the host adds to a log record at ``images`` (learning rate, regularizer weights, ...)."""
+
+    def log(self, message: str) -> None:
+        """A line for the user (the host decides which process prints)."""
+
+
+def crossed(before: int, after: int, every_kimg: float) -> bool:
+    """True when the image count passed a multiple of ``every_kimg`` between two steps."""
+    if every_kimg <= 0:
+        return False
+    every = max(1, round(every_kimg * 1000))
+    return after // every > before // every
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    scale = 1 if sys.platform == "darwin" else 1024     # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 20
 
 
 class _Window:
@@ -29,92 +104,57 @@ class _Window:
             self.sums[name] = self.sums.get(name, 0.0) + value
 
 
-def _evaluate(trainer):
-    """The EMA model's metrics (:mod:`selfalign.evaluation.training_eval`); None once they fail."""
-    if getattr(trainer, "_eval_disabled", False):
-        return None
-    cfg = trainer.config
-    gen = torch.Generator(device=trainer.info.device).manual_seed(cfg.train.seed + 0xE7A1)
-    try:
-        return evaluate(trainer.ema.model, trainer.objective, cfg, cfg.train.eval_samples, gen,
-                        trainer.info.device, decode=getattr(trainer.dataset, "decode", None), log=trainer.log)
-    except (SelfalignError, ValueError, FileNotFoundError) as err:   # e.g. missing weights: keep training
-        trainer._eval_disabled = True
-        trainer.log(f"warning: evaluation disabled for this run: {err}")
-        return None
-
-
-def run_loop(trainer):
-    from tqdm import tqdm
-
-    from .trainer import RunResult, crossed, peak_memory_mb
-
-    cfg, info = trainer.config, trainer.info
-    t, b = cfg.train, trainer.global_batch
-    trainer.write_config()
-    trainer.install_signal_handlers()
-    metrics = trainer.open_metrics()
-    start_images = trainer.step * b
-    show_bar = info.is_main and cfg.logging.progress_bar and sys.stderr.isatty()
-    bar = tqdm(total=trainer.total_steps * b, initial=start_images, unit="img", unit_scale=True,
+def run_loop(host: LoopHost, schedule: Schedule, metrics: MetricsLog | None, progress_bar: bool = False) -> None:
+    """Step ``host`` until ``schedule.total_steps`` or a stop request; ``metrics`` (main process
+    only) receives the records. ``progress_bar`` shows a bar when stderr is a terminal; otherwise
+    each log record prints one line."""
+    info, b, end = host.info, schedule.global_batch, schedule.total_steps
+    show_bar = progress_bar and sys.stderr.isatty()
+    bar = tqdm(total=end * b, initial=host.step * b, unit="img", unit_scale=True,
                dynamic_ncols=True, disable=not show_bar)
-    trainer.log(f"training {cfg.model.preset} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M "
-                f"parameters) with {', '.join(cfg.regularizers) or 'no regularizer'} on {cfg.data.kind}: "
-                f"global batch {b} = {info.world_size} process(es) x {trainer.per_rank} "
-                f"(micro-batch {trainer.micro}), steps {trainer.step} -> {trainer.total_steps}, "
-                f"device {info.device}, run dir {trainer.run_dir}")
-    if plan_line(cfg):
-        trainer.log(plan_line(cfg))
-    window = _Window(start_images)
-    batches = trainer.batches()
+    window = _Window(host.step * b)
+    batches = host.batches()
     try:
-        while trainer.step < trainer.total_steps:
-            x, y, *extra = next(batches)       # extra: images next to latents
-            if trainer.batch_hook is not None:
-                x, y = trainer.batch_hook(trainer, trainer.step, x, y)   # tests: inject faults
-            ok, terms = trainer.train_step(x, y, *extra)
+        while host.step < end:
+            before = host.step * b
+            ok, terms = host.train_step(*next(batches))
             window.add(ok, terms)
-            before, trainer.step = trainer.step * b, trainer.step + 1
-            after = trainer.step * b
+            after = host.step * b
             bar.update(b)
-            last = trainer.step == trainer.total_steps
-            if crossed(before, after, t.log_every_kimg) or last:
-                record = _log_record(trainer, window, after, peak_memory_mb(info.device))
+            last = host.step == end
+            if crossed(before, after, schedule.log_every_kimg) or last:
+                record = _log_record(host, window, after)
                 window = _Window(after)
                 if metrics is not None:
                     metrics.write(record)
                     bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", refresh=False)
-                    if not show_bar:    # logs and pipes get one line per record instead of a bar
+                    if not show_bar:
                         # the last window's rate: a run-long average would carry compilation
                         # and start-up for ever (seen: 993 img/s printed at 4000 img/s on a GPU)
                         rate = record["img_per_s"]
-                        eta = (trainer.total_steps * b - after) / max(rate, 1e-9)
-                        trainer.log(f"step {trainer.step}/{trainer.total_steps} ({after / 1000:g} kimg) loss "
-                                    f"{record.get('loss', float('nan')):.4f} {rate:.1f} img/s ETA {eta / 60:.1f} min")
-            if crossed(before, after, t.sample_every_kimg) or (last and t.sample_every_kimg > 0):
-                trainer.write_samples(metrics)
-            if crossed(before, after, t.eval_every_kimg) or (last and t.eval_every_kimg > 0):
-                results = _evaluate(trainer) if info.is_main else None
-                if results and metrics is not None:         # {}: train.eval_metrics=none
-                    metrics.write({"kind": "eval", "step": trainer.step, "kimg": after / 1000, **results})
+                        eta = (end * b - after) / max(rate, 1e-9)
+                        host.log(f"step {host.step}/{end} ({after / 1000:g} kimg) loss "
+                                 f"{record.get('loss', float('nan')):.4f} {rate:.1f} img/s ETA {eta / 60:.1f} min")
+            if crossed(before, after, schedule.sample_every_kimg) or (last and schedule.sample_every_kimg > 0):
+                host.write_samples(metrics)
+            if crossed(before, after, schedule.eval_every_kimg) or (last and schedule.eval_every_kimg > 0):
+                results = host.evaluate() if info.is_main else None
+                if results is not None and metrics is not None:
+                    metrics.write({"kind": "eval", "step": host.step, "kimg": after / 1000, **results})
                 dist_util.barrier(info)
-            if crossed(before, after, t.ckpt_every_kimg) or last or trainer._stop_requested:
-                trainer.save()
-            if trainer._stop_requested:
-                trainer.log(f"stop requested: checkpoint written at step {trainer.step}")
+            stop = host.stop_requested()
+            if crossed(before, after, schedule.ckpt_every_kimg) or last or stop:
+                host.save()
+            if stop:
+                host.log(f"stop requested: checkpoint written at step {host.step}")
                 break
     finally:
         bar.close()
-        if metrics is not None:
-            metrics.close()
-    if trainer.last_checkpoint is None or not trainer.last_checkpoint.name.endswith(f"{trainer.step:09d}"):
-        trainer.save()
-    return RunResult(trainer.run_dir, trainer.step, trainer.step * b, trainer.skipped, trainer.last_checkpoint,
-                     interrupted=trainer.step < trainer.total_steps)
 
 
-def _log_record(trainer, window: _Window, images: int, peak_mb: float) -> dict:
-    info = trainer.info
+def _log_record(host: LoopHost, window: _Window, images: int) -> dict:
+    """The window's mean loss terms over every process, its rate, and the host's fields."""
+    info = host.info
     names = sorted(window.sums)
     if window.count:
         values = torch.stack([torch.as_tensor(window.sums[n], device=info.device).float() for n in names])
@@ -123,20 +163,11 @@ def _log_record(trainer, window: _Window, images: int, peak_mb: float) -> dict:
         values = [float("nan")] * len(names)
         dist_util.all_mean(info, torch.zeros(len(names), device=info.device))   # keep ranks in step
     elapsed = max(time.perf_counter() - window.start_time, 1e-9)
-    record = {"kind": "train", "step": trainer.step, "kimg": images / 1000, "images": images}
+    record = {"kind": "train", "step": host.step, "kimg": images / 1000, "images": images}
     for name, value in zip(names, values):
         key = name if name in ("loss", "grad_norm") else f"loss/{name}"
         record[key] = value
-    for name, reg in trainer.step_module.regularizers.items():
-        record[f"weight/{name}"] = float(reg.weight(_progress(trainer, images)))
-    record.update({"lr": trainer.optimizer.param_groups[0]["lr"],
-                   "img_per_s": (images - window.start_images) / elapsed, "peak_mem_mb": peak_mb,
-                   "skipped_steps": trainer.skipped, "skipped_in_window": window.skipped})
-    if trainer.scaler is not None:
-        record["loss_scale"] = float(trainer.scaler.get_scale())
+    record.update(host.log_fields(images))
+    record.update({"img_per_s": (images - window.start_images) / elapsed, "peak_mem_mb": peak_memory_mb(info.device),
+                   "skipped_in_window": window.skipped})
     return record
-
-
-def _progress(trainer, images: int):
-    from ..regularizers import Progress
-    return Progress(images=images, dataset_size=len(trainer.dataset))

@@ -12,7 +12,12 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from ..errors import ConfigError
 from ..formats import faults
+from .outcome import TrainingStopped
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -61,7 +66,7 @@ class MetricsLog:
             try:
                 import wandb as wandb_module
             except ImportError:
-                raise ValueError("logging.wandb=true but wandb is not installed: pip install wandb, "
+                raise ConfigError("logging.wandb=true but wandb is not installed: pip install wandb, "
                                  "or set logging.wandb=false") from None
             self._wandb = wandb_module.init(project=wandb_project, entity=wandb_entity or None,
                                             name=run_name or Path(run_dir).name, dir=str(run_dir),
@@ -94,7 +99,6 @@ class MetricsLog:
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as err:      # e.g. a full disk: one line, not a traceback from deep in the loop
-            from .trainer import TrainingStopped
             raise TrainingStopped(f"could not write {self.path} ({err.strerror or err}); the checkpoints "
                                   f"are not affected: make room and continue with --resume auto") from None
         step, kind = record["step"], record.get("kind", "train")
@@ -109,8 +113,6 @@ class MetricsLog:
     def add_image(self, tag: str, path: Path, step: int) -> None:
         if self._tb is None and self._wandb is None:
             return
-        import numpy as np
-        from PIL import Image
         array = np.asarray(Image.open(path).convert("RGB"))
         if self._tb is not None:
             self._tb.add_image(tag, array, step, dataformats="HWC")

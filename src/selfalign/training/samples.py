@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from ..data.transforms import model_to_uint8
+from ..sampling import sample
 
 GRID_STREAM = 0x5A3D   # separates the grid's noise from the training generators
 
@@ -46,8 +47,6 @@ def sample_grid(model, objective, config, path: str | Path, *, count: int | None
                 device: torch.device = torch.device("cpu"), decode=None) -> Path:
     """Sample ``count`` images from ``model`` (the EMA) with the config's grid sampler and fixed
     noise, decode latents when ``decode`` is given, and save the grid."""
-    from ..sampling import sample
-
     b = model.config
     count = count or config.train.sample_count
     noise, labels = grid_inputs(count, b.in_channels, b.input_size, b.num_classes,

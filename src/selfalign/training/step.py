@@ -1,7 +1,9 @@
 """One training step's loss: generative objective plus every regularizer, one student forward.
 
 :class:`TrainingStep` is the module the trainer wraps in DDP (so the regularizers' heads are
-synchronised with the backbone) and the benchmarks time. It knows the interfaces only.
+synchronised with the backbone); :func:`accumulate_gradients` runs it over the micro-batches of
+a batch. The trainer and the training-step benchmark both go through these two. They know the
+interfaces only.
 """
 from __future__ import annotations
 
@@ -52,3 +54,29 @@ class TrainingStep(nn.Module):
             terms[name] = reg(ctx)
             total = total + reg.weight(ctx.progress) * terms[name]
         return total, terms
+
+
+def accumulate_gradients(module: nn.Module, x0: torch.Tensor, y: torch.Tensor, micro: int,
+                         backward: Callable[[torch.Tensor], None], *, images: torch.Tensor | None = None,
+                         no_sync: Callable[[], ContextManager] | None = None,
+                         **forward) -> dict[str, torch.Tensor]:
+    """Forward and ``backward`` over the micro-batches ``x0.split(micro)``; each micro-batch's loss
+    is weighted by its share of the batch, so the gradients are those of the batch mean.
+
+    ``module`` is a :class:`TrainingStep` (or its DDP wrapper, whose ``no_sync`` then skips the
+    gradient all-reduce of every micro-batch but the last); ``forward`` goes to each call
+    (teacher, generator, progress, autocast). Returns the batch mean of every loss term
+    (``"loss"``: the weighted total), detached, in float32.
+    """
+    chunks = list(zip(x0.split(micro), y.split(micro)))
+    image_chunks = images.split(micro) if images is not None else [None] * len(chunks)
+    terms: dict[str, torch.Tensor] = {}
+    for i, (xc, yc) in enumerate(chunks):
+        last = i == len(chunks) - 1
+        with contextlib.nullcontext() if no_sync is None or last else no_sync():
+            total, parts = module(xc, yc, images=image_chunks[i], **forward)
+            share = xc.shape[0] / x0.shape[0]
+            backward(total * share)
+        for name, value in {"loss": total, **parts}.items():
+            terms[name] = terms.get(name, 0.0) + value.detach().float() * share
+    return terms

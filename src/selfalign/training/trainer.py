@@ -1,74 +1,54 @@
-"""The training loop: one process or many (torchrun), CPU or GPU, resumable to the bit.
+"""The trainer: one process or many (torchrun), CPU or GPU, resumable to the bit.
 
 Per optimizer step every rank takes its ``batch_size / world_size`` share of the global batch
 (:mod:`selfalign.data.order`), splits it into micro-batches (``train.micro_batch``), and runs
-:class:`~selfalign.training.step.TrainingStep` under DDP with the per-rank step generator.
-Before the optimizer step the loss and the global gradient norm are checked: a non-finite step
-is skipped (``train.nonfinite=skip``, counted) or stops the run (``stop``, or ``skip`` after
-``train.max_consecutive_bad`` bad steps in a row). Then the EMA, which is also the SRA teacher,
-follows the weights. Logs, sample grids, evaluations and checkpoints happen when the image
-count crosses a multiple of their interval, so a resumed run does them at the same steps.
+:class:`~selfalign.training.step.TrainingStep` under DDP with the per-rank step generator
+(:func:`~selfalign.training.step.accumulate_gradients`). The update
+(:class:`~selfalign.training.update.OptimizerUpdate`) checks the loss and the global gradient
+norm first: a non-finite step is skipped (``train.nonfinite=skip``, counted) or stops the run
+(``stop``, or ``skip`` after ``train.max_consecutive_bad`` bad steps in a row); otherwise the
+optimizer steps and the EMA, which is also the SRA teacher, follows the weights. The schedule
+of logs, grids, evaluations and checkpoints is the loop's (:mod:`selfalign.training.loop`).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import resource
 import signal
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config.experiment import ExperimentConfig, resume_mismatch, save_config
-from ..config.loader import ConfigError
-from ..data import DataOrder, build_dataset, step_batches
+from ..data import DataOrder, TrainingDataset, build_dataset, step_batches
 from ..ema import EMA
+from ..errors import CheckpointError, ConfigError, SelfalignError, UsageError
+from ..evaluation.training_eval import evaluate, plan_line
+from ..formats import checkpoint as ckpt_io
 from ..models.backbone import DiffusionTransformer
 from ..objectives import build_objective
 from ..regularizers import Progress, build_regularizer
-from ..formats import checkpoint as ckpt_io
-from ..formats import faults
 from . import distributed as dist_util
 from . import rng
+from .loop import Schedule, run_loop
 from .metrics import MetricsLog
+from .outcome import RunResult, TrainingStopped
 from .samples import sample_grid
-from .step import TrainingStep
+from .step import TrainingStep, accumulate_gradients
+from .update import OptimizerUpdate, adamw
 
-
-class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (non-finite values, a failed checkpoint write); one-line message."""
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    step: int
-    images: int
-    skipped_steps: int
-    checkpoint: Path | None
-    interrupted: bool = False     # stopped early by SIGTERM/SIGUSR1 (a checkpoint was written)
-
-
-def crossed(before: int, after: int, every_kimg: float) -> bool:
-    """True when the image count passed a multiple of ``every_kimg`` between two steps."""
-    if every_kimg <= 0:
-        return False
-    every = max(1, round(every_kimg * 1000))
-    return after // every > before // every
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    scale = 1 if sys.platform == "darwin" else 1024     # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 20
+EVAL_STREAM = 0xE7A1    # separates the evaluation's noise from the training generators
 
 
 class Trainer:
+    """One training run: model, regularizers, EMA, optimizer and data order, resumable to the bit.
+
+    It implements the loop's :class:`~selfalign.training.loop.LoopHost`: :meth:`train_step`,
+    :meth:`save`, :meth:`write_samples`, :meth:`evaluate`; :meth:`run` drives it to the end.
+    """
+
     def __init__(self, config: ExperimentConfig, run_dir: str | Path, info: dist_util.DistInfo,
                  resume: str | None = None, batch_hook=None, log=print):
         self.config, self.info, self.run_dir = config, info, Path(run_dir)
@@ -84,7 +64,7 @@ class Trainer:
 
         torch.manual_seed(t.seed)       # identical initial weights on every rank
         model = DiffusionTransformer(config.backbone_config()).to(device)
-        regularizers = {name: build_regularizer(name, cfg, model)
+        regularizers = {name: build_regularizer(name, cfg, model.config)
                         for name, cfg in config.regularizers.items()}
         self.objective = build_objective(config.objective)
         self.step_module = TrainingStep(model, self.objective, regularizers, t.label_dropout).to(device)
@@ -92,18 +72,20 @@ class Trainer:
         self.ema = EMA(model, t.ema_decay)
         self.needs_teacher = any(r.needs_teacher() for r in regularizers.values())
         self.needs_images = any(r.needs_images() for r in regularizers.values())
-        self.dataset = build_dataset(config.data, "train", with_images=self.needs_images)
+        self.dataset: TrainingDataset = build_dataset(config.data, "train", with_images=self.needs_images)
         self._check_dataset()
         self.order = DataOrder(len(self.dataset), t.seed)
-        self.params = [p for p in self.step_module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                                           weight_decay=t.weight_decay,
-                                           # fused kernels on GPU; one foreach call per op on CPU
-                                           **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+        params = [p for p in self.step_module.parameters() if p.requires_grad]
+        self.optimizer = adamw(params, device, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
         self.scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
+        self.update = OptimizerUpdate(self.optimizer, self.ema, model, grad_clip=t.grad_clip,
+                                      scaler=self.scaler, distributed=info.distributed)
         self.generator = rng.step_generator(t.seed, info.rank, device)
         self.step, self.skipped, self.consecutive_bad = 0, 0, 0
         self.last_checkpoint: Path | None = None
+        self._stop_signalled = False      # this process got SIGTERM/SIGUSR1
+        self._stopping = False            # some process had, as of the last step (agreed by all)
+        self._eval_disabled = False
 
         start = self._find_resume(resume)
         if start is not None:
@@ -124,18 +106,17 @@ class Trainer:
             self.teacher = torch.compile(teacher) if t.compile else teacher
         self.train_module = (DistributedDataParallel(self.step_module, device_ids=[device] if device.type == "cuda" else None)
                              if info.distributed else self.step_module)
-        self.total_images = round(t.total_kimg * 1000)
-        self.total_steps = math.ceil(self.total_images / self.global_batch)
+        total_steps = math.ceil(round(t.total_kimg * 1000) / self.global_batch)
+        self.schedule = Schedule(self.global_batch, total_steps, t.log_every_kimg, t.sample_every_kimg,
+                                 t.eval_every_kimg, t.ckpt_every_kimg)
 
     # -- setup -------------------------------------------------------------------------------
     def _check_dataset(self) -> None:
         m = self.config.model
-        channels = getattr(self.dataset, "channels", None)
-        if channels is not None and channels != m.in_channels:
-            raise ConfigError(f"model.in_channels={m.in_channels} but the data has {channels} channels")
-        classes = getattr(self.dataset, "num_classes", None)
-        if classes is not None and classes > m.num_classes:
-            raise ConfigError(f"the data has {classes} classes but model.num_classes={m.num_classes}")
+        if self.dataset.channels != m.in_channels:
+            raise ConfigError(f"model.in_channels={m.in_channels} but the data has {self.dataset.channels} channels")
+        if self.dataset.num_classes > m.num_classes:
+            raise ConfigError(f"the data has {self.dataset.num_classes} classes but model.num_classes={m.num_classes}")
         if len(self.dataset) < self.per_rank:
             self.log(f"note: the dataset ({len(self.dataset)} examples) is smaller than one batch")
 
@@ -143,7 +124,7 @@ class Trainer:
         if resume is None:
             existing = ckpt_io.latest_checkpoint(self.run_dir)
             if existing is not None:
-                raise ConfigError(f"run directory {self.run_dir} already has checkpoints ({existing.name}); "
+                raise UsageError(f"run directory {self.run_dir} already has checkpoints ({existing.name}); "
                                   f"pass --resume auto to continue it or choose another --run-dir")
             return None
         if resume == "auto":
@@ -154,12 +135,20 @@ class Trainer:
         if self.info.is_main:
             self._log(message)
 
+    def describe(self) -> str:
+        cfg, info = self.config, self.info
+        parameters = sum(p.numel() for p in self.model.parameters()) / 1e6
+        return (f"training {cfg.model.preset} ({parameters:.2f} M parameters) with "
+                f"{', '.join(cfg.regularizers) or 'no regularizer'} on {cfg.data.kind}: global batch "
+                f"{self.global_batch} = {info.world_size} process(es) x {self.per_rank} (micro-batch {self.micro}), "
+                f"steps {self.step} -> {self.schedule.total_steps}, device {info.device}, run dir {self.run_dir}")
+
     # -- checkpoints -------------------------------------------------------------------------
     def _load(self, path: Path) -> None:
         state = ckpt_io.read_state(path)
         problem = resume_mismatch(state.get("config", {}), self.config)
         if problem:
-            raise ConfigError(f"cannot resume from {path}: {problem} (start a new --run-dir for a new run)")
+            raise CheckpointError(f"cannot resume from {path}: {problem} (start a new --run-dir for a new run)")
         device = self.info.device
         hint = " (checkpoint of another model preset?)"
         ckpt_io.load_module(self.model, ckpt_io.load_tensors(path, "model", device), "model", path, hint)
@@ -170,13 +159,13 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(saved["optimizer"])
         except (KeyError, ValueError) as err:
-            raise ckpt_io.CheckpointError(f"{path}: optimizer state does not fit this model ({err})") from None
+            raise CheckpointError(f"{path}: optimizer state does not fit this model ({err})") from None
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
         self.step = int(state["step"])
         if state["data"]["position"] != self.step * self.global_batch:
-            raise ckpt_io.CheckpointError(f"{path}: data position {state['data']['position']} does not match "
-                                          f"step {self.step} x batch {self.global_batch}")
+            raise CheckpointError(f"{path}: data position {state['data']['position']} does not match "
+                                  f"step {self.step} x batch {self.global_batch}")
         self.skipped = int(state.get("nonfinite", {}).get("skipped_steps", 0))
         ranks = state.get("rng", [])
         if state.get("world_size") == self.info.world_size and len(ranks) == self.info.world_size:
@@ -225,78 +214,38 @@ class Trainer:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return lambda: torch.autocast(device.type, dtype=dtype)
 
-    def _grad_norm(self) -> torch.Tensor:
-        clip = self.config.train.grad_clip
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if clip > 0:
-            return torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
-        return torch.nn.utils.get_total_norm(grads, foreach=True)
-
     def train_step(self, x: torch.Tensor, y: torch.Tensor,
                    images: torch.Tensor | None = None) -> tuple[bool, dict[str, torch.Tensor]]:
-        """Forward/backward over the micro-batches, checks, optimizer and EMA update.
+        """One optimizer step on a batch as the dataset serves it: forward/backward over the
+        micro-batches, then :class:`~selfalign.training.update.OptimizerUpdate`. ``step`` counts it
+        whether it was applied or skipped.
 
         ``images`` are the raw pixels next to latents (latent datasets, for encoder-based
-        regularizers); for pixel datasets the images are ``x``. Returns ``(ok, terms)``; ``ok``
-        is False when the step was skipped."""
+        regularizers); for pixel datasets the images are ``x``. Returns ``(applied, terms)``."""
         device = self.info.device
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if hasattr(self.dataset, "to_model"):   # cached latents: x0 = scale * (mean + std * eps) per step
-            x = self.dataset.to_model(x, self.generator)
-        elif self.config.data.hflip:            # (latent datasets serve stored mirror images instead)
+        x = self.dataset.to_model(x, self.generator)     # latents: x0 = scale * (mean + std * eps)
+        if self.config.data.hflip and self.dataset.flippable:
             flip = torch.rand(x.shape[0], device=device, generator=self.generator) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if self.needs_images:
             images = x if images is None else images.to(device, non_blocking=True)
-            image_chunks = images.split(self.micro)
-        progress = Progress(images=self.step * self.global_batch, dataset_size=len(self.dataset))
-        autocast = self._autocast()
-        self.optimizer.zero_grad(set_to_none=True)
-        chunks = list(zip(x.split(self.micro), y.split(self.micro)))
-        terms: dict[str, torch.Tensor] = {}
-        for i, (xc, yc) in enumerate(chunks):
-            sync = (contextlib.nullcontext() if not self.info.distributed or i == len(chunks) - 1
-                    else self.train_module.no_sync())
-            with sync:
-                total, parts = self.train_module(
-                    xc, yc, teacher=self.teacher,
-                    images=image_chunks[i] if self.needs_images else None, generator=self.generator,
-                    progress=progress, autocast=autocast)
-                share = xc.shape[0] / x.shape[0]
-                loss = total * share
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            for name, value in {"loss": total, **parts}.items():
-                terms[name] = terms.get(name, 0.0) + value.detach().float() * share
-        faults.point("step")    # tests: a kill between the backward pass and the optimizer step
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = self._grad_norm()
-        terms["grad_norm"] = grad_norm.detach().float()
-        loss_ok = torch.isfinite(terms["loss"])
-        grad_ok = torch.isfinite(terms["grad_norm"])
-        flags = torch.stack([~loss_ok, ~grad_ok, torch.tensor(self._stop_requested, device=device)]).float()
-        if self.info.distributed:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        bad_loss, bad_grad, stop = (bool(v) for v in flags.tolist())
-        self._stop_requested = self._stop_requested or stop
-        if self.scaler is not None and bad_grad and not bad_loss:
-            self.scaler.update()    # fp16 overflow: the scaler skips the step and lowers the scale
-            self.optimizer.zero_grad(set_to_none=True)
-            return False, terms
-        if bad_loss or bad_grad:
-            self._bad_step("loss" if bad_loss else "gradient norm")
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.update()
-            return False, terms
-        self.consecutive_bad = 0
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
         else:
-            self.optimizer.step()
-        self.ema.update(self.model)
-        return True, terms
+            images = None
+        progress = Progress(images=self.step * self.global_batch, dataset_size=len(self.dataset))
+        terms = accumulate_gradients(
+            self.train_module, x, y, self.micro, self.update.backward, images=images,
+            no_sync=self.train_module.no_sync if self.info.distributed else None,
+            teacher=self.teacher, generator=self.generator, progress=progress, autocast=self._autocast())
+        result = self.update(terms["loss"], stop=self._stop_signalled)
+        terms["grad_norm"] = result.grad_norm
+        self._stopping = result.stop
+        if result.nonfinite:
+            self._bad_step(result.nonfinite)
+        elif result.applied:
+            self.consecutive_bad = 0
+        self.step += 1
+        return result.applied, terms
 
     def _bad_step(self, what: str) -> None:
         t = self.config.train
@@ -312,26 +261,85 @@ class Trainer:
                                   f"or check the data")
         self.log(f"warning: {where}: non-finite {what}, step skipped ({self.skipped} skipped so far)")
 
-    # -- the loop ----------------------------------------------------------------------------
-    def run(self) -> RunResult:
-        from .loop import run_loop
-        return run_loop(self)
+    # -- what the loop asks for --------------------------------------------------------------
+    def batches(self):
+        """This process's batches from the current step on (through ``batch_hook`` when given)."""
+        batches = step_batches(self.dataset, self.order, self.global_batch, self.info.rank,
+                               self.info.world_size, self.step, self.config.data.num_workers,
+                               pin_memory=self.info.device.type == "cuda")
+        return batches if self.batch_hook is None else self._hooked(batches)
 
-    _stop_requested = False
+    def _hooked(self, batches):
+        for x, y, *extra in batches:        # tests: inject faults into the batch of this step
+            x, y = self.batch_hook(self, self.step, x, y)
+            yield (x, y, *extra)
+
+    def stop_requested(self) -> bool:
+        return self._stopping
+
+    def log_fields(self, images: int) -> dict:
+        progress = Progress(images=images, dataset_size=len(self.dataset))
+        fields = {f"weight/{name}": float(reg.weight(progress))
+                  for name, reg in self.step_module.regularizers.items()}
+        fields.update(lr=self.optimizer.param_groups[0]["lr"], skipped_steps=self.skipped)
+        if self.scaler is not None:
+            fields["loss_scale"] = float(self.scaler.get_scale())
+        return fields
+
+    def write_samples(self, metrics: MetricsLog | None) -> Path | None:
+        if not self.info.is_main:
+            return None
+        path = self.run_dir / "samples" / f"step-{self.step:09d}.png"
+        sample_grid(self.ema.model, self.objective, self.config, path, device=self.info.device,
+                    decode=self.dataset.decode)
+        if metrics is not None:
+            metrics.add_image("samples/ema", path, self.step)
+        return path
+
+    def evaluate(self) -> dict | None:
+        """The EMA model's metrics (:mod:`selfalign.evaluation.training_eval`); a missing judge (e.g.
+        classifier or Inception weights) turns evaluation off for the rest of the run instead of
+        stopping it."""
+        if self._eval_disabled:
+            return None
+        cfg = self.config
+        gen = torch.Generator(device=self.info.device).manual_seed(cfg.train.seed + EVAL_STREAM)
+        try:
+            return evaluate(self.ema.model, self.objective, cfg, cfg.train.eval_samples, gen, self.info.device,
+                            decode=self.dataset.decode, log=self.log) or None   # {}: train.eval_metrics=none
+        except SelfalignError as err:
+            self._eval_disabled = True
+            self.log(f"warning: evaluation disabled for this run: {err}")
+            return None
+
+    # -- the run -----------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        self.write_config()
+        self.install_signal_handlers()
+        self.log(self.describe())
+        if plan_line(self.config):
+            self.log(plan_line(self.config))
+        metrics = self.open_metrics()
+        try:
+            run_loop(self, self.schedule, metrics,
+                     progress_bar=self.info.is_main and self.config.logging.progress_bar)
+        finally:
+            if metrics is not None:
+                metrics.close()
+        if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:09d}"):
+            self.save()
+        return RunResult(self.run_dir, self.step, self.step * self.global_batch, self.skipped,
+                         self.last_checkpoint, interrupted=self.step < self.schedule.total_steps)
 
     def request_stop(self, *_):
-        """SIGTERM/SIGUSR1 (preemption): finish the step, checkpoint, exit."""
-        self._stop_requested = True
+        """SIGTERM/SIGUSR1 (preemption): finish the step, checkpoint, exit (every process stops at
+        the first step whose update sees the request)."""
+        self._stop_signalled = True
 
     def install_signal_handlers(self) -> None:
         with contextlib.suppress(ValueError):      # only possible in the main thread
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGUSR1, self.request_stop)
-
-    def batches(self):
-        return step_batches(self.dataset, self.order, self.global_batch, self.info.rank,
-                            self.info.world_size, self.step, self.config.data.num_workers,
-                            pin_memory=self.info.device.type == "cuda")
 
     def write_config(self) -> None:
         if self.info.is_main:
@@ -348,21 +356,11 @@ class Trainer:
                           wandb_project=lg.wandb_project, wandb_entity=lg.wandb_entity,
                           run_name=self.config.name, config=self.config.to_dict())
 
-    def write_samples(self, metrics: MetricsLog | None) -> Path | None:
-        if not self.info.is_main:
-            return None
-        path = self.run_dir / "samples" / f"step-{self.step:09d}.png"
-        sample_grid(self.ema.model, self.objective, self.config, path, device=self.info.device,
-                    decode=getattr(self.dataset, "decode", None))
-        if metrics is not None:
-            metrics.add_image("samples/ema", path, self.step)
-        return path
-
 
 def train(config: ExperimentConfig, run_dir: str | Path, resume: str | None = None, *,
           batch_hook=None, log=print) -> RunResult:
     """Train ``config`` into ``run_dir`` (joins the torchrun process group when there is one)."""
-    info = dist_util.init(config.train.device)
+    info = dist_util.init(config.train.device, setting="train.device")
     ok = False
     try:
         trainer = Trainer(config, run_dir, info, resume, batch_hook=batch_hook, log=log)
