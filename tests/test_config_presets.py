@@ -73,16 +73,18 @@ def test_every_released_code_preset_records_its_sampling():
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED_SAMPLING))
-def test_released_code_presets_sample_as_released_by_default(name):
+def test_released_code_presets_sample_as_released_by_default(name, tmp_path):
     from selfalign.cli import build_parser
     from selfalign.commands.sample import sampler_config
 
     config = load_config(name)
-    args = build_parser().parse_args(["sample", "run", "--out", "out"])
+    run = tmp_path / "run"          # the checkpoint argument must exist when the flags are parsed
+    run.mkdir()
+    args = build_parser().parse_args(["sample", str(run), "--out", "out"])
     s = sampler_config(args, config.objective.kind, config.sampler)
     assert (s.name, s.steps, s.cfg_scale, (s.guidance_low, s.guidance_high)) == RELEASED_SAMPLING[name]
     assert (s.diffusion, s.last_step, s.legacy_cfg_channels) == ("2t", 0.04, None)   # the released SDE, all channels
-    args = build_parser().parse_args(["sample", "run", "--out", "out", "--cfg-scale", "1", "--steps", "50"])
+    args = build_parser().parse_args(["sample", str(run), "--out", "out", "--cfg-scale", "1", "--steps", "50"])
     s = sampler_config(args, config.objective.kind, config.sampler)
     assert (s.name, s.steps, s.cfg_scale) == (RELEASED_SAMPLING[name][0], 50, 1.0)
 

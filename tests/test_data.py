@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from selfalign.data import DataOrder, FashionMNIST, ImageFolder, TrainingDataset, build_dataset, step_batches
+from selfalign.data.imagefolder import describe_folder
 from selfalign.data.fashion_mnist import ENV_VAR
 from selfalign.data.transforms import center_crop_arr, model_to_uint8, uint8_to_model
 from selfalign.errors import ConfigError, DataError
@@ -91,7 +92,10 @@ def test_imagefolder_classes_crop_and_bad_files(tmp_path):
     assert x.shape == (2, 3, 16, 16) and y.tolist() == [0, 1]
     assert torch.allclose(x[1, :, 0, 0], uint8_to_model(torch.tensor([100, 50, 200], dtype=torch.uint8)))
     (tmp_path / "dogs" / "2.png").write_bytes(b"not a png at all")
-    data = ImageFolder(tmp_path, 16)
+    with pytest.raises(DataError, match=r"image 4 \(.*dogs/2.png\) cannot be read"):
+        ImageFolder(tmp_path, 16)                 # the header scan finds it before training starts
+    (tmp_path / "dogs" / "2.png").write_bytes((tmp_path / "dogs" / "1.png").read_bytes()[:60])
+    data = ImageFolder(tmp_path, 16)              # a readable header, truncated pixels
     with pytest.raises(DataError, match=r"image 4 \(.*dogs/2.png\) cannot be read"):
         data.__getitems__([4])
     with pytest.raises(DataError, match="does not exist"):
@@ -99,6 +103,22 @@ def test_imagefolder_classes_crop_and_bad_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no class sub-folders"):
         ImageFolder(tmp_path / "empty", 16)
+
+
+def test_imagefolder_decides_classes_channels_and_checks_the_resolution(tmp_path):
+    for name in ("a", "b", "c"):
+        (tmp_path / "gray" / name).mkdir(parents=True)
+        Image.new("L", (24, 20), 40).save(tmp_path / "gray" / name / "0.png")
+    summary = describe_folder(tmp_path / "gray")
+    assert (summary.num_classes, summary.channels, summary.smallest, summary.count) == (3, 1, (24, 20), 3)
+    data = ImageFolder(tmp_path / "gray", 16)
+    x, y = data.__getitems__([0, 2])
+    assert x.shape == (2, 1, 16, 16) and y.tolist() == [0, 2]
+    assert torch.allclose(x, uint8_to_model(torch.full((2, 1, 16, 16), 40, dtype=torch.uint8)))
+    Image.new("RGB", (30, 30), (1, 2, 3)).save(tmp_path / "gray" / "b" / "1.png")
+    assert describe_folder(tmp_path / "gray").channels == 3        # one colour image: RGB
+    with pytest.raises(DataError, match=r"data.resolution=21 but the smallest image .* is 24x20"):
+        ImageFolder(tmp_path / "gray", 21)
 
 
 def test_data_order_is_deterministic_per_epoch_and_split_over_ranks():

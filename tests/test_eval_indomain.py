@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from selfalign.errors import ConfigError, DataError
 from selfalign.evaluation import indomain
 from selfalign.models.classifier import FashionClassifier, load_classifier
 
@@ -85,12 +86,28 @@ def test_training_eval_on_a_tiny_model_is_deterministic(isolated_cache):
     objective = build_objective(config.objective)
     first = evaluate(model, objective, config, 40, torch.Generator().manual_seed(0), "cpu")
     second = evaluate(model, objective, config, 40, torch.Generator().manual_seed(0), "cpu")
-    assert set(first) == {"fd", "accuracy", "precision", "recall", "eval_seconds"}
+    assert set(first) == {"fd", "accuracy", "precision", "recall", "eval_samples", "eval_seconds"}
     assert model.training                                      # mode restored
     assert all(first[k] == second[k] for k in ("fd", "accuracy", "precision", "recall"))
-    assert 0.0 <= first["accuracy"] <= 1.0 and first["fd"] > 0
-    config.data.kind = "imagefolder"
+    assert 0.0 <= first["accuracy"] <= 1.0 and first["fd"] > 0 and first["eval_samples"] == 40
+    config.train.eval_metrics = "none"                         # asked for: nothing, and no record
     assert evaluate(model, objective, config, 40, torch.Generator().manual_seed(0), "cpu") == {}
+    config.train.eval_metrics, config.data.kind = "classifier", "imagefolder"
+    with pytest.raises(ConfigError, match="train.eval_metrics=classifier needs Fashion-MNIST data"):
+        evaluate(model, objective, config, 40, torch.Generator().manual_seed(0), "cpu")
+
+
+def test_indomain_refuses_images_that_are_not_fashion_mnist_shaped(test_split):
+    images, _ = test_split
+    indomain.check_fashion_mnist_shaped(images[:8])                          # 1 x 32 x 32
+    indomain.check_fashion_mnist_shaped(images[:8].repeat(1, 3, 1, 1))       # gray stored as RGB
+    colour = images[:8].repeat(1, 3, 1, 1)
+    colour[:, 0] = -colour[:, 0]
+    for bad, shape in ((colour, "3 channel(s), colour, 32x32"), (torch.zeros(8, 1, 64, 64) - 1, "64x64"),
+                       (torch.zeros(8, 1, 32, 28), "32x28")):
+        with pytest.raises(DataError, match="not Fashion-MNIST-shaped") as err:
+            indomain.indomain_metrics(bad)
+        assert shape in str(err.value) and "\n" not in str(err.value)
 
 
 def test_cli_indomain_on_an_npz(test_split, tmp_path, capsys, isolated_cache):

@@ -173,7 +173,7 @@ def heldout(run_dir: Path, threads: int | None, count: int = 500) -> None:
     from selfalign.data import FashionMNIST
     from selfalign.formats.checkpoint import latest_checkpoint
     from selfalign.runs import load_for_inference
-    from selfalign.training.heldout import DEFAULT_TIMES, heldout_losses
+    from selfalign.evaluation.heldout import DEFAULT_TIMES, heldout_losses
 
     if threads:
         torch.set_num_threads(threads)

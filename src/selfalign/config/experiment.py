@@ -19,6 +19,7 @@ import yaml
 
 from ..conventions import (MAX_BATCH, MAX_CHANNELS, MAX_CLASSES, MAX_GRID, MAX_RESOLUTION, MAX_SAMPLES, MAX_SEED,
                            MAX_WORKERS)
+from ..data import describe_data as describe_data_facts
 from ..errors import ConfigError
 from ..models import backbone_config, parse_preset
 from ..objectives import ObjectiveConfig, space_timesteps
@@ -40,8 +41,8 @@ DATA_DEFAULTS = {           # kind: (in_channels, num_classes) unless the config
 RESUMABLE_CHANGES = (
     "name", "logging.", "data.path", "data.num_workers", "train.total_kimg", "train.log_every_kimg",
     "train.ckpt_every_kimg", "train.keep_last", "train.sample_every_kimg", "train.sample_count",
-    "train.eval_every_kimg", "train.eval_samples", "train.nonfinite", "train.max_consecutive_bad",
-    "train.device", "train.compile", "sampler.",
+    "train.eval_every_kimg", "train.eval_samples", "train.eval_metrics", "train.nonfinite",
+    "train.max_consecutive_bad", "train.device", "train.compile", "sampler.",
 )
 # What a user's config must state itself or through its base:, so that an empty or partial file is
 # refused instead of training the defaults (SiT-XL/2 on Fashion-MNIST, 673 M parameters).
@@ -111,6 +112,8 @@ class TrainConfig:
     sample_count: int = 64
     eval_every_kimg: float = 0.0        # evaluation.training_eval; 0 = never
     eval_samples: int = 1000
+    # the metrics of evaluation.training_eval; auto: classifier on Fashion-MNIST, else inception
+    eval_metrics: Literal["auto", "classifier", "inception", "none"] = "auto"
     seed: int = 0
     nonfinite: Literal["skip", "stop"] = "skip"   # a non-finite loss: skip the step, or stop
     max_consecutive_bad: int = 10       # skip policy: stop after this many bad steps in a row
@@ -257,13 +260,18 @@ def _load_regularizers(raw: Any, preset: str) -> dict[str, RegularizerConfig]:
     return configs
 
 
-def _fill_derived(config: ExperimentConfig) -> None:
+def _fill_derived(config: ExperimentConfig, facts=None) -> None:
+    """Fill what follows from the rest; ``facts`` (:func:`selfalign.data.describe_data`) are what
+    the data says, and an explicit value that contradicts them is refused."""
     m, d = config.model, config.data
-    channels, classes = DATA_DEFAULTS[d.kind]
-    if m.in_channels is None:
-        m.in_channels = channels
-    if m.num_classes is None:
-        m.num_classes = classes
+    channels, classes = (facts.channels, facts.num_classes) if facts else DATA_DEFAULTS[d.kind]
+    for key, value, what in (("in_channels", channels, "channels"), ("num_classes", classes, "classes")):
+        current = getattr(m, key)
+        if facts is not None and current is not None and current != value:
+            raise ConfigError(f"model.{key}={current} but {facts.where} has {value} {what}; leave "
+                              f"model.{key} unset: the data decides")
+        if current is None:
+            setattr(m, key, value)
     if m.input_size is None:
         factor = VAE_DOWNSAMPLE if d.kind == "latents" else 1
         m.input_size = max(1, d.resolution // factor)
@@ -272,13 +280,14 @@ def _fill_derived(config: ExperimentConfig) -> None:
         m.learn_sigma = o.kind == "ddpm" and o.learn_sigma
 
 
-def experiment_from_dict(data: dict, world_size: int = 1) -> ExperimentConfig:
-    """Type, complete and validate a config mapping."""
+def experiment_from_dict(data: dict, world_size: int = 1, describe_data: bool = False) -> ExperimentConfig:
+    """Type, complete and validate a config mapping; ``describe_data`` asks the data (an image
+    folder, prepared latents) for the classes and channels instead of assuming them."""
     data = dict(data or {})
     raw_regularizers = data.pop("regularizers", {})
     config = from_dict(ExperimentConfig, data)
     config.regularizers = _load_regularizers(raw_regularizers, config.model.preset)
-    _fill_derived(config)
+    _fill_derived(config, describe_data_facts(config.data) if describe_data else None)
     config.check(world_size)
     return config
 
@@ -291,7 +300,7 @@ def load_config(source: str | Path | dict, overrides: list[str] | tuple = (), wo
     data = read_config(source)
     data = apply_overrides(json.loads(json.dumps(data, default=list)), list(overrides))
     _require(data, required, source)
-    return experiment_from_dict(data, world_size)
+    return experiment_from_dict(data, world_size, describe_data=True)
 
 
 def _require(data: dict, keys: tuple[str, ...], source) -> None:
@@ -319,7 +328,8 @@ def save_config(config: ExperimentConfig, path: str | Path) -> None:
                                          sort_keys=False))
 
 
-def _resumable(key: str) -> bool:
+def may_change_on_resume(key: str) -> bool:
+    """Whether the dotted ``key`` may differ between a checkpoint and the run resuming it."""
     return any(key == p or key == p.rstrip(".") or (p.endswith(".") and key.startswith(p))
                for p in RESUMABLE_CHANGES)
 
@@ -328,7 +338,7 @@ def _first_difference(old: Any, new: Any, key: str) -> str | None:
     """The first key (depth first, sorted) where two config trees differ, saying what each holds."""
     if not (isinstance(old, dict) and isinstance(new, dict)):
         return None if old == new else f"{key} is {old!r} in the checkpoint but {new!r} now"
-    names = [n for n in sorted(set(old) | set(new), key=str) if not _resumable(f"{key}.{n}" if key else str(n))]
+    names = [n for n in sorted(set(old) | set(new), key=str) if not may_change_on_resume(f"{key}.{n}" if key else str(n))]
     only_old, only_new = [n for n in names if n not in new], [n for n in names if n not in old]
     if only_old or only_new:     # e.g. a regularizer in one and not the other: name both sides
         return (f"{key or 'the config'}: the checkpoint has {', '.join(map(str, only_old)) or 'none'} but this "

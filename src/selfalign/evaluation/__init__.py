@@ -2,14 +2,18 @@
 
 Modules (import them directly; the package itself imports none of them):
 
-* :mod:`.inception` -- the TF-FID Inception-v3 and its exact preprocessing;
+* :mod:`.inception`, :mod:`.inception_layers` -- the TF-FID Inception-v3, its exact preprocessing,
+  and its weights rebuilt with folded batch norm for a fast channels-last forward;
 * :mod:`.fid` -- Frechet distance, Inception Score, ADM reference batches;
 * :mod:`.precision_recall` -- ADM's k-NN manifold precision/recall;
 * :mod:`.images` -- image sources (.npz, folders, Fashion-MNIST);
 * :mod:`.metrics` -- the whole ADM suite on an image source;
 * :mod:`.generate` -- index-split, resumable sampling to .npz;
-* :mod:`.indomain`, :mod:`.training_eval` -- Fashion-MNIST in-domain metrics (the classifier
-  itself is :mod:`selfalign.models.classifier`);
+* :mod:`.reference` -- reference statistics of a training image folder, cached beside it;
+* :mod:`.indomain` -- Fashion-MNIST classifier metrics (the classifier itself is
+  :mod:`selfalign.models.classifier`); :mod:`.training_eval` -- the metrics of a model during
+  training, for any dataset;
+* :mod:`.heldout`, :mod:`.report` -- denoising loss on fixed images, the comparison report of runs;
 * :mod:`.features`, :mod:`.probe`, :mod:`.pca`, :mod:`.analysis` -- probing, CKNNA, PCA maps;
 * :mod:`.figures` -- matplotlib figures saved as files.
 """

@@ -81,13 +81,15 @@ class ReferenceBatch:
     spatial: FeatureStatistics | None
     pool_features: np.ndarray | None = None    # for precision/recall
     images: np.ndarray | None = None           # arr_0, when the features must still be computed
+    count: int | None = None                   # images behind the statistics, when recorded
 
 
 def save_reference_batch(path: str | Path, pool_features: np.ndarray, spatial_features: np.ndarray | None,
-                         images: np.ndarray | None, pr_count: int | None = None) -> None:
-    """Write an ADM-compatible reference batch; statistics use all features, ``arr_0`` the first ``pr_count``."""
+                         images: np.ndarray | None, pr_count: int | None = None, extra: dict | None = None) -> None:
+    """Write an ADM-compatible reference batch; statistics use all features, ``arr_0`` the first
+    ``pr_count``; ``extra`` arrays (e.g. ``count``) are stored beside them."""
     pool = FeatureStatistics.of(pool_features)
-    arrays = {"mu": pool.mu, "sigma": pool.sigma}
+    arrays = {"mu": pool.mu, "sigma": pool.sigma, **(extra or {})}
     if spatial_features is not None:
         spatial = FeatureStatistics.of(spatial_features)
         arrays.update(mu_s=spatial.mu, sigma_s=spatial.sigma)
@@ -124,7 +126,8 @@ def load_reference_batch(path: str | Path) -> ReferenceBatch:
         pool=_statistics(path, data, "mu", "sigma"),
         spatial=spatial,
         pool_features=features,
-        images=data["arr_0"] if "arr_0" in keys and "pool_features" not in keys else None)
+        images=data["arr_0"] if "arr_0" in keys and "pool_features" not in keys else None,
+        count=int(data["count"]) if "count" in keys else None)
 
 
 def _statistics(path: Path, data, mean_key: str, cov_key: str) -> FeatureStatistics:

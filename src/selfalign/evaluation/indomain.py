@@ -9,6 +9,10 @@
 
 The test-set features are computed once per classifier file and cached in memory and on disk
 (``$XDG_CACHE_HOME/selfalign``, default ``~/.cache/selfalign``), keyed by the weights' hash.
+
+Only Fashion-MNIST-shaped images are scored (:func:`check_fashion_mnist_shaped`): grayscale
+(one channel, or three equal ones) and square, 28 pixels or padded to at most twice that. Any
+other image would still get numbers from the classifier, and they would mean nothing.
 """
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ from ..errors import DataError
 from ..models.classifier import ASSET, FashionClassifier, classifier_weights, load_classifier
 from .fid import FeatureStatistics, frechet_distance
 from .precision_recall import precision_recall
+from .reference import user_cache_dir
+
+GRAY_TOLERANCE = 8 / 127.5          # channels within 8 uint8 levels of each other count as gray
 
 _CLASSIFIERS: dict[tuple[str, str], FashionClassifier] = {}
 _REFERENCES: dict[tuple[str, str], np.ndarray] = {}
@@ -50,8 +57,15 @@ def classifier_outputs(classifier: FashionClassifier, images: torch.Tensor,
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selfalign"
+def check_fashion_mnist_shaped(images: torch.Tensor, what: str = "the samples") -> None:
+    """Refuse images (``N x C x H x W``, [-1, 1]) the Fashion-MNIST classifier cannot judge."""
+    _, channels, height, width = images.shape
+    gray = channels == 1 or (channels == 3 and float((images - images[:, :1]).abs().max()) <= GRAY_TOLERANCE)
+    if not gray or height != width or not NATIVE_SIZE <= height <= 2 * NATIVE_SIZE:
+        shape = f"{channels} channel(s){'' if gray else ', colour'}, {height}x{width}"
+        raise DataError(f"{what} are not Fashion-MNIST-shaped ({shape}; expected grayscale, square, "
+                        f"{NATIVE_SIZE} to {2 * NATIVE_SIZE} pixels): the Fashion-MNIST classifier cannot judge "
+                        f"them; use `selfalign eval fid` with a reference of your own images")
 
 
 def reference_features(classifier_path: str | Path | None = None, device="cpu") -> np.ndarray:
@@ -61,7 +75,7 @@ def reference_features(classifier_path: str | Path | None = None, device="cpu") 
     key = (digest, str(device))
     if key in _REFERENCES:
         return _REFERENCES[key]
-    cache = _cache_dir() / f"fashion_mnist_test_features_{digest}.npy"
+    cache = user_cache_dir() / f"fashion_mnist_test_features_{digest}.npy"
     if cache.is_file():
         try:
             feats = np.load(cache)
@@ -88,7 +102,7 @@ def indomain_metrics(images: torch.Tensor, labels: torch.Tensor | np.ndarray | N
     """FD, accuracy (when labels are given), precision and recall of model-space images in [-1, 1]."""
     if len(images) < 4:
         raise DataError(f"in-domain metrics need at least 4 images, got {len(images)}")
-    check_fashion_mnist_like(images)
+    check_fashion_mnist_shaped(images)
     classifier = cached_classifier(device, classifier_path)
     if labels is not None:
         labels = np.asarray(labels)

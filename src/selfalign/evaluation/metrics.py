@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from tqdm import tqdm
 
@@ -15,6 +17,7 @@ from .fid import FeatureStatistics, ReferenceBatch, frechet_distance, inception_
 from .images import ArraySource, ImageSource, open_source
 from .inception import InceptionOutputs, InceptionV3
 from .precision_recall import NEIGHBORHOOD, precision_recall
+from .reference import REFERENCE_LIMIT, cached_reference
 
 PR_REFERENCE_COUNT = 10000   # ADM's reference batches keep 10K images for precision/recall
 
@@ -43,12 +46,16 @@ def reference_from_source(network: InceptionV3, source: ImageSource, batch_size:
                           limit: int | None = None, progress: bool = True) -> tuple[ReferenceBatch, InceptionOutputs]:
     acts = inception_activations(network, source, batch_size, limit, progress)
     spatial = FeatureStatistics.of(acts.spatial) if acts.spatial is not None else None
-    return ReferenceBatch(FeatureStatistics.of(acts.pool), spatial, acts.pool), acts
+    return ReferenceBatch(FeatureStatistics.of(acts.pool), spatial, acts.pool, count=len(acts.pool)), acts
 
 
 def resolve_reference(spec: str, network: InceptionV3, resolution: int | None = None, batch_size: int = 50,
-                      limit: int | None = None, progress: bool = True) -> ReferenceBatch:
-    """A reference batch .npz (ours or ADM's), or statistics computed from an image source."""
+                      limit: int | None = None, progress: bool = True, log=print) -> ReferenceBatch:
+    """A reference batch .npz (ours or ADM's), the cached statistics of a folder of real images at
+    ``resolution`` (:mod:`.reference`, computed and cached on first use), or statistics computed
+    from any other image source."""
+    if resolution and Path(spec).is_dir():
+        return cached_reference(spec, resolution, network, limit or REFERENCE_LIMIT, batch_size, progress, log)[0]
     if is_reference_batch(spec):
         reference = load_reference_batch(spec)
         if reference.pool_features is None and reference.images is not None:

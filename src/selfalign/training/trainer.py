@@ -25,7 +25,7 @@ from ..config.experiment import ExperimentConfig, resume_mismatch, save_config
 from ..data import DataOrder, TrainingDataset, build_dataset, step_batches
 from ..ema import EMA
 from ..errors import CheckpointError, ConfigError, SelfalignError, UsageError
-from ..evaluation.training_eval import evaluate
+from ..evaluation.training_eval import evaluate, plan_line
 from ..formats import checkpoint as ckpt_io
 from ..models.backbone import DiffusionTransformer
 from ..objectives import build_objective
@@ -297,14 +297,16 @@ class Trainer:
         return path
 
     def evaluate(self) -> dict | None:
-        """In-domain metrics of the EMA model; a missing judge (e.g. classifier weights) turns
-        evaluation off for the rest of the run instead of stopping it."""
+        """The EMA model's metrics (:mod:`selfalign.evaluation.training_eval`); a missing judge (e.g.
+        classifier or Inception weights) turns evaluation off for the rest of the run instead of
+        stopping it."""
         if self._eval_disabled:
             return None
         cfg = self.config
         gen = torch.Generator(device=self.info.device).manual_seed(cfg.train.seed + EVAL_STREAM)
         try:
-            return evaluate(self.ema.model, self.objective, cfg, cfg.train.eval_samples, gen, self.info.device)
+            return evaluate(self.ema.model, self.objective, cfg, cfg.train.eval_samples, gen, self.info.device,
+                            decode=self.dataset.decode, log=self.log) or None   # {}: train.eval_metrics=none
         except SelfalignError as err:
             self._eval_disabled = True
             self.log(f"warning: evaluation disabled for this run: {err}")
@@ -315,6 +317,8 @@ class Trainer:
         self.write_config()
         self.install_signal_handlers()
         self.log(self.describe())
+        if plan_line(self.config):
+            self.log(plan_line(self.config))
         metrics = self.open_metrics()
         try:
             run_loop(self, self.schedule, metrics,
