@@ -225,3 +225,23 @@ def test_a_selfalign_preset_exports_as_the_released_arguments_and_says_what_diff
     code = json.loads(json.dumps(load_config("dit-xl2-256-sra-code").to_dict(), default=list))
     args, notes = config_to_args(code, "DiT", None, processes=4)
     assert list(args) == list(RELEASED_ARGS["DiT"]) and args["batch_size"] == 64 and notes == []
+
+
+def test_outputs_in_the_way_and_nonfinite_weights_are_one_line_and_leave_nothing(tmp_path, capsys):
+    net = model()
+    src = tmp_path / "sit.pt"
+    torch.save({"model": net.state_dict(), "ema": net.state_dict(), "steps": 4}, src)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    assert main(["convert", "import", str(src), str(blocker / "run"), "--from", "repa"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["convert", "import", str(src), str(tmp_path / "run"), "--from", "repa"]) == 0
+    capsys.readouterr()
+    assert main(["convert", "export", str(tmp_path / "run"), str(blocker / "out.pt"), "--to", "sit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "OUT_FILE" in err and "is a file" in err and "\n" not in err
+    broken = {k: v.clone() for k, v in net.state_dict().items()}
+    next(iter(broken.values())).fill_(float("nan"))
+    torch.save({"model": broken, "ema": broken, "steps": 4}, tmp_path / "nan.pt")
+    assert main(["convert", "import", str(tmp_path / "nan.pt"), str(tmp_path / "nan-run"), "--from", "repa"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "nan.pt", "run", "sit.pt"]

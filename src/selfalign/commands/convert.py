@@ -48,9 +48,11 @@ def add_parser(sub) -> None:
 
 
 def run_import(args) -> int:
+    from ..formats.paths import check_output_dir
     from ..pipeline.convert import import_checkpoint
     from ..pipeline.convert_args import DEFAULT_PROCESSES
 
+    check_output_dir(args.run_dir, "RUN_DIR")      # before the source is read and converted
     path, converted = import_checkpoint(args.source, args.layout, args.run_dir, data_path=args.data_path,
                                         processes=args.processes or DEFAULT_PROCESSES,
                                         preset=args.preset, input_size=args.input_size,
@@ -64,8 +66,10 @@ def run_import(args) -> int:
 
 
 def run_export(args) -> int:
+    from ..formats.paths import check_output_file
     from ..pipeline.convert import export_checkpoint
 
+    check_output_file(args.out_file, "OUT_FILE")
     path, notes = export_checkpoint(args.checkpoint, args.layout, args.out_file, force=args.force,
                                     processes=args.processes)
     print(f"exported {args.checkpoint} in the {args.layout} layout -> {path}")

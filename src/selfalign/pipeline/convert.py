@@ -234,6 +234,9 @@ def import_checkpoint(source: str | Path, layout: str, run_dir: str | Path, *, d
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
         raise CheckpointError(f"could not write the run directory {str(run_dir)!r}: {err}") from None
+    except BaseException:           # e.g. non-finite weights refused: no half-written run is left
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return run_dir / ckpt_io.CHECKPOINT_DIR / ckpt.name, converted
 
 
