@@ -98,7 +98,7 @@ def run(args) -> int:
     from ..evaluation.generate import (SamplePlan, check_plan, generate_shards, make_draw, merge_shards,
                                        missing_shards, write_pngs)
     from ..training import distributed
-    from ..formats.checkpoint import resolve_checkpoint
+    from ..formats.checkpoint import resolve_checkpoint, warn
     from ..formats.paths import check_output_dir, writing
     from ..runs import load_for_inference
 
@@ -108,7 +108,8 @@ def run(args) -> int:
     world = info.world_size if args.world_size is None else args.world_size
     if not 0 <= rank < world:
         raise UsageError(f"--rank {rank} must be in [0, --world-size {world})")
-    checkpoint = resolve_checkpoint(args.checkpoint)      # a run dir's newest: fixed for resumes
+    # a run dir's newest: fixed for resumes; a fallback past a damaged one is said once, not per process
+    checkpoint = resolve_checkpoint(args.checkpoint, report=warn if info.is_main else lambda _message: None)
     model, objective, config = load_for_inference(checkpoint, use_ema=not args.raw_weights)
     model = model.to(info.device).eval()
     sampler = sampler_config(args, objective.kind, config.sampler)
