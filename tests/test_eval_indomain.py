@@ -103,8 +103,8 @@ def test_indomain_refuses_images_that_are_not_fashion_mnist_shaped(test_split):
     indomain.check_fashion_mnist_shaped(images[:8].repeat(1, 3, 1, 1))       # gray stored as RGB
     colour = images[:8].repeat(1, 3, 1, 1)
     colour[:, 0] = -colour[:, 0]
-    for bad, shape in ((colour, "3 channel(s), colour, 32x32"), (torch.zeros(8, 1, 64, 64) - 1, "64x64"),
-                       (torch.zeros(8, 1, 32, 28), "32x28")):
+    for bad, shape in ((colour, "32x32x3, colour"), (torch.zeros(8, 1, 27, 27) - 1, "27x27x1"),
+                       (torch.zeros(8, 1, 31, 31), "31x31x1"), (torch.zeros(8, 1, 32, 28), "32x28x1")):
         with pytest.raises(DataError, match="not Fashion-MNIST-shaped") as err:
             indomain.indomain_metrics(bad)
         assert shape in str(err.value) and "\n" not in str(err.value)

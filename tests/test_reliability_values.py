@@ -410,16 +410,16 @@ def test_precision_recall_are_skipped_aloud_when_too_few_images_are_kept():
 
 
 def test_indomain_metrics_accept_only_fashion_mnist_like_images():
-    from selfalign.evaluation.indomain import check_fashion_mnist_like
+    from selfalign.evaluation.indomain import check_fashion_mnist_shaped
 
     gray = torch.rand(4, 1, 32, 32) * 2 - 1
     for ok in (gray, gray[..., 2:30, 2:30], gray.repeat(1, 3, 1, 1), torch.zeros(4, 1, 64, 64)):
-        check_fashion_mnist_like(ok)
+        check_fashion_mnist_shaped(ok)
     for bad, why in [(torch.rand(4, 3, 32, 32), "colour"), (torch.rand(4, 1, 16, 16), "16x16x1"),
                      (torch.rand(4, 1, 31, 31), "31x31x1"), (torch.rand(4, 1, 32, 28), "32x28x1"),
                      (torch.rand(4, 2, 32, 32), "colour")]:
         with pytest.raises(DataError, match=why):
-            check_fashion_mnist_like(bad)
+            check_fashion_mnist_shaped(bad)
 
 
 def test_sampling_that_yields_nan_or_inf_is_refused_instead_of_black_images():
@@ -448,7 +448,7 @@ def test_cknna_on_too_few_examples_for_its_neighbours_is_one_line():
 
     config = load_config({"model": {"preset": "SiT-T/8"}, "data": {"kind": "fashion_mnist", "resolution": 32}})
     model = randomize_zero_init(DiffusionTransformer(config.backbone_config())).eval()
-    with pytest.raises(DataError, match="gives 3 test examples, too few for CKNNA with topk=2.*--topk"):
+    with pytest.raises(DataError, match="gives 3 examples, too few for CKNNA with topk=2.*--topk"):
         cknna_checkpoint(model, build_objective(), config, [1], 0.1, None, count=3, topk=2)
 
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import re
 
+from ..conventions import MAX_SAMPLES, MAX_STEPS
+from .argtypes import device_name, int_range
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("report", help="compare training runs: table, curves, metric-vs-kimg plots, sample grids",
@@ -20,11 +23,11 @@ def add_parser(sub) -> None:
     p.add_argument("runs", nargs="+", help="run directories (the first is the baseline)")
     p.add_argument("--out", default="runs/report", help="folder for report.md and its plots")
     p.add_argument("--labels", default=None, help="comma-separated names of the runs (default: their config names)")
-    p.add_argument("--loss-images", type=int, default=500,
+    p.add_argument("--loss-images", type=int_range(2, MAX_SAMPLES), default=500,
                    help="images for the denoising loss (Fashion-MNIST: test split; other data: training images)")
-    p.add_argument("--grid-steps", type=int, default=None,
+    p.add_argument("--grid-steps", type=int_range(1, MAX_STEPS), default=None,
                    help="sampler steps of the sample grids (default: each run's grid sampler)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(func=run)
 
 
@@ -102,8 +105,6 @@ def run(args) -> int:
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else [""] * len(args.runs)
     if len(labels) != len(args.runs):
         raise UsageError(f"--labels names {len(labels)} runs but {len(args.runs)} were given")
-    if args.loss_images < 2:
-        raise UsageError(f"--loss-images must be >= 2, got {args.loss_images}")
     device = pick_device(args.device)
     out = Path(args.out)
     runs, what = [], ""

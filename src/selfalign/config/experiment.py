@@ -340,9 +340,14 @@ def _first_difference(old: Any, new: Any, key: str) -> str | None:
         return None if old == new else f"{key} is {old!r} in the checkpoint but {new!r} now"
     names = [n for n in sorted(set(old) | set(new), key=str) if not may_change_on_resume(f"{key}.{n}" if key else str(n))]
     only_old, only_new = [n for n in names if n not in new], [n for n in names if n not in old]
-    if only_old or only_new:     # e.g. a regularizer in one and not the other: name both sides
-        return (f"{key or 'the config'}: the checkpoint has {', '.join(map(str, only_old)) or 'none'} but this "
+    if key == "regularizers" and (only_old or only_new):     # a regularizer in one and not the other
+        return (f"{key}: the checkpoint has {', '.join(map(str, only_old)) or 'none'} but this "
                 f"config has {', '.join(map(str, only_new)) or 'none'}")
+    for n in names:
+        if n not in old or n not in new:
+            where = f"{key}.{n}" if key else str(n)
+            return (f"{where} is {old.get(n, '<unset>')!r} in the checkpoint but "
+                    f"{new.get(n, '<unset>')!r} now")
     for n in names:
         found = _first_difference(old[n], new[n], f"{key}.{n}" if key else str(n))
         if found:

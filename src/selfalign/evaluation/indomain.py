@@ -58,15 +58,17 @@ def classifier_outputs(classifier: FashionClassifier, images: torch.Tensor,
 
 
 def check_fashion_mnist_shaped(images: torch.Tensor, what: str = "the samples") -> None:
-    """Refuse images (``N x C x H x W``, [-1, 1]) the Fashion-MNIST classifier cannot judge."""
+    """Refuse images (``N x C x H x W``, [-1, 1]) the Fashion-MNIST classifier cannot judge: it sees
+    gray squares of 28 pixels, padded evenly as the training data is (``data.resolution``), so colour
+    images, other sizes or odd paddings would be scored as if they were clothes."""
     _, channels, height, width = images.shape
     gray = channels == 1 or (channels == 3 and float((images - images[:, :1]).abs().max()) <= GRAY_TOLERANCE)
-    if not gray or height != width or not NATIVE_SIZE <= height <= 2 * NATIVE_SIZE:
-        shape = f"{channels} channel(s){'' if gray else ', colour'}, {height}x{width}"
-        raise DataError(f"{what} are not Fashion-MNIST-shaped ({shape}; expected grayscale, square, "
-                        f"{NATIVE_SIZE} to {2 * NATIVE_SIZE} pixels): the Fashion-MNIST classifier cannot judge "
-                        f"them; use `selfalign eval fid` with a reference of your own images")
-
+    padded_evenly = height == width and height >= NATIVE_SIZE and (height - NATIVE_SIZE) % 2 == 0
+    if not gray or not padded_evenly:
+        raise DataError(f"{what} are not Fashion-MNIST-shaped ({height}x{width}x{channels}"
+                        f"{'' if gray else ', colour'}; expected gray squares of {NATIVE_SIZE} pixels, or padded "
+                        f"evenly to an even size): the Fashion-MNIST classifier cannot judge them; use "
+                        f"`selfalign eval fid` with a reference of your own images")
 
 def reference_features(classifier_path: str | Path | None = None, device="cpu") -> np.ndarray:
     """Classifier features of the Fashion-MNIST test split (cached in memory and on disk)."""
@@ -120,21 +122,6 @@ def indomain_metrics(images: torch.Tensor, labels: torch.Tensor | np.ndarray | N
     subset = np.random.default_rng(seed).permutation(len(reference))[:min(len(feats), len(reference))]
     results["precision"], results["recall"] = precision_recall(reference[subset], feats)
     return results
-
-
-def check_fashion_mnist_like(images: torch.Tensor) -> None:
-    """Refuse images the Fashion-MNIST classifier cannot judge: it sees gray squares of 28 pixels,
-    padded evenly as the training data is (``data.resolution``), so colour images, other sizes or
-    odd paddings would be scored as if they were clothes."""
-    _, channels, height, width = images.shape
-    size = f"{height}x{width}x{channels}"
-    if height != width or height < NATIVE_SIZE or (height - NATIVE_SIZE) % 2:
-        raise DataError(f"in-domain metrics judge Fashion-MNIST images ({NATIVE_SIZE}x{NATIVE_SIZE}, or padded "
-                        f"to an even size); these are {size}: use `selfalign eval fid` for other data")
-    if channels not in (1, 3) or (channels == 3 and not (
-            torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2]))):
-        raise DataError(f"in-domain metrics judge gray Fashion-MNIST images; these {size} images have colour: "
-                        f"use `selfalign eval fid` for other data")
 
 
 def uint8_to_model_nchw(images: np.ndarray) -> torch.Tensor:
