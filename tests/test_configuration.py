@@ -6,7 +6,8 @@ from typing import Literal, Optional
 
 import pytest
 
-from selfalign.config.loader import (ConfigError, apply_overrides, check_choices, from_dict, load_yaml,
+from selfalign.choices import check_choices
+from selfalign.config.loader import (ConfigError, apply_overrides, from_dict, load_yaml,
                                      parse_override, to_dict)
 
 

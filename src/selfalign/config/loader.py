@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from ..choices import check_choice
 from ..errors import ConfigError
 
 #: the largest integer a setting may hold (a signed 64-bit one: torch and NumPy take no larger)
@@ -68,7 +69,7 @@ def _coerce(value: Any, tp, key: str, finite: bool = True):
             raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} fields, got {value!r}")
         return from_dict(tp, value, key)
     if origin is typing.Literal:
-        _check_choice(value, typing.get_args(tp), key)
+        check_choice(value, typing.get_args(tp), key)
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -114,33 +115,6 @@ def _coerce(value: Any, tp, key: str, finite: bool = True):
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported config type {tp}")
-
-
-def _check_choice(value: Any, choices: tuple, key: str) -> None:
-    if not any(type(value) is type(c) and value == c for c in choices):   # True is not 1
-        raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
-def _literal_choices(tp) -> tuple[tuple, bool] | None:
-    """``(choices, None allowed)`` of ``Literal[...]`` or ``Literal[...] | None``; None for other types."""
-    if typing.get_origin(tp) is typing.Literal:
-        return typing.get_args(tp), False
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and typing.get_origin(args[0]) is typing.Literal:
-            return typing.get_args(args[0]), True
-    return None
-
-
-def check_choices(obj, prefix: str) -> None:
-    """Every ``Literal`` field of dataclass ``obj`` holds one of its choices (as the loader checks);
-    for configs built in Python, which never went through :func:`from_dict`."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        literal = _literal_choices(hints[f.name])
-        value = getattr(obj, f.name)
-        if literal is not None and not (value is None and literal[1]):
-            _check_choice(value, literal[0], f"{prefix}.{f.name}")
 
 
 def from_dict(cls, data: dict, prefix: str = "", *, validate: bool = True):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ..config.loader import check_choices
+from ..choices import check_choices
 from .base import Objective, expand_time, mean_flat
 from .ddpm import BetaSchedule, DDPMConfig, DDPMObjective, FixedVariance, GaussianDiffusion, space_timesteps
 from .flow import FlowConfig, FlowObjective, FlowPath, TimeSampling

@@ -24,7 +24,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
-from ..config.loader import check_choices
+from ..choices import check_choices
 from ..conventions import MAX_STEPS
 from ..errors import ConfigError
 from .base import Objective, expand_time, mean_flat

@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from ..config.loader import check_choices
+from ..choices import check_choices
 from .base import Objective, expand_time, mean_flat
 
 FlowPath = Literal["linear", "cosine"]

@@ -29,7 +29,7 @@ from typing import Callable, ClassVar, ContextManager, NamedTuple
 import torch
 from torch import nn
 
-from ..config.loader import check_choices
+from ..choices import check_choices
 from ..errors import ConfigError
 from ..models.backbone import BackboneConfig
 from ..objectives.base import Objective

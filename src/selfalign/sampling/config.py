@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from ..config.loader import check_choices
+from ..choices import check_choices
 from ..conventions import MAX_CHANNELS, MAX_STEPS
 from ..errors import ConfigError
 
