@@ -84,13 +84,12 @@ class OptimizerUpdate:
         if self.distributed:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         bad_loss, bad_grad, stop = (bool(v) for v in flags.tolist())    # the one host sync
-        if scaler is not None and bad_grad and not bad_loss:
-            scaler.update()         # fp16 overflow: the scaler skips the step and lowers the scale
-            return UpdateResult(False, grad_norm, stop=stop)
         if bad_loss or bad_grad:
             if scaler is not None:
-                scaler.update()
-            return UpdateResult(False, grad_norm, "loss" if bad_loss else "gradient norm", stop)
+                scaler.update()     # lowers the scale; an fp16 overflow of the gradients alone is its job
+            overflow = scaler is not None and not bad_loss
+            return UpdateResult(False, grad_norm, None if overflow else ("loss" if bad_loss else "gradient norm"),
+                                stop)
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
